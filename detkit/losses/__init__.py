@@ -1,0 +1,25 @@
+"""The loss zoo. Every loss follows mmdetection's call semantics, see :mod:`detkit.losses.reduce`."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from detkit.losses.cross_entropy import CrossEntropyLoss
+from detkit.losses.focal import FocalLoss
+from detkit.losses.heatmap import GaussianFocalLoss
+from detkit.losses.iou import CIoULoss, DIoULoss, GIoULoss, IoULoss
+from detkit.losses.reduce import WeightedLoss, weight_reduce_loss
+from detkit.losses.regression import L1Loss, SmoothL1Loss
+from detkit.registry import LOSSES
+
+
+def build_loss(spec: Mapping[str, Any], key: str | None = None) -> nn.Module:
+    """Build a loss from ``{type: Name, **kwargs}``; ``key`` names it in error messages."""
+    return LOSSES.build(spec, key)
+
+
+__all__ = ["LOSSES", "build_loss", "WeightedLoss", "weight_reduce_loss", "FocalLoss",
+           "CrossEntropyLoss", "SmoothL1Loss", "L1Loss", "IoULoss", "GIoULoss", "DIoULoss",
+           "CIoULoss", "GaussianFocalLoss"]

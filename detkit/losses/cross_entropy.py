@@ -1,0 +1,74 @@
+"""Softmax cross entropy and sigmoid binary cross entropy (``use_sigmoid``)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from detkit.losses.focal import as_dense_target
+from detkit.losses.reduce import WeightedLoss
+from detkit.registry import LOSSES
+
+
+@LOSSES.register()
+class CrossEntropyLoss(WeightedLoss):
+    """Softmax cross entropy over the last dim, or per-logit BCE with ``use_sigmoid: true``.
+
+    Args:
+        use_sigmoid: BCE with logits per class instead of a softmax over classes.
+        class_weight: per-class factor (length C); softmax: as ``F.cross_entropy(weight=)``,
+            sigmoid: scales each class column.
+        label_smoothing: softmax: as ``F.cross_entropy``; sigmoid: targets become
+            ``y * (1 - s) + s / 2``.
+        ignore_index: targets equal to it contribute nothing and are not counted by ``mean``.
+    Shapes: ``pred (N, C)`` or ``(..., C)`` logits; softmax ``target`` int64 ``(...,)``;
+    sigmoid ``target`` int64 ``(...,)`` in ``0..C`` (``C`` = background) or float ``(..., C)``.
+    Elementwise loss: softmax ``(...,)``, sigmoid ``(..., C)``. Without ``avg_factor`` the
+    softmax ``mean`` divides by the summed class weights of non-ignored targets, exactly as
+    ``F.cross_entropy``; the sigmoid ``mean`` averages over non-ignored logits.
+    """
+
+    def __init__(self, use_sigmoid: bool = False, class_weight: Sequence[float] | None = None,
+                 label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
+                 loss_weight: float = 1.0) -> None:
+        super().__init__(reduction, loss_weight)
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
+        self.use_sigmoid = bool(use_sigmoid)
+        self.label_smoothing = float(label_smoothing)
+        self.ignore_index = int(ignore_index)
+        weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
+        self.register_buffer("class_weight", weight, persistent=False)
+
+    def _valid(self, target: Tensor) -> Tensor | None:
+        return None if target.is_floating_point() else target != self.ignore_index
+
+    def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
+        valid = self._valid(target)
+        if self.use_sigmoid:
+            dense = as_dense_target(pred, torch.where(valid, target, pred.shape[-1])
+                                    if valid is not None else target)
+            if self.label_smoothing:
+                dense = dense * (1 - self.label_smoothing) + self.label_smoothing / 2
+            loss = F.binary_cross_entropy_with_logits(pred, dense, weight=self.class_weight, reduction="none")
+            return loss * valid.unsqueeze(-1) if valid is not None else loss
+        if target.is_floating_point():
+            raise ValueError("CrossEntropyLoss (softmax) takes int64 class-index targets; "
+                             "use use_sigmoid: true for float targets")
+        flat = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
+                               weight=self.class_weight, ignore_index=self.ignore_index,
+                               label_smoothing=self.label_smoothing, reduction="none")
+        return flat.reshape(target.shape)
+
+    def default_avg_factor(self, pred: Tensor, target: Tensor) -> Tensor | None:
+        valid = self._valid(target)
+        if valid is None:
+            return None
+        if self.use_sigmoid:
+            return valid.sum() * pred.shape[-1]
+        if self.class_weight is None:
+            return valid.sum()
+        return (self.class_weight[torch.where(valid, target, 0)] * valid).sum()

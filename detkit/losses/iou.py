@@ -1,0 +1,149 @@
+"""IoU-family box losses on ``x1y1x2y2`` boxes: IoU (log/linear/square), GIoU, DIoU, CIoU.
+
+Values equal ``torchvision.ops.{generalized,distance,complete}_box_iou_loss`` for valid boxes;
+unlike them, loss and gradient stay finite for zero-width/height and inverted boxes (widths are
+clamped at 0 for areas, and CIoU's aspect term uses ``atan2`` on widths clamped at ``eps``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from detkit.losses.reduce import WeightedLoss
+from detkit.registry import LOSSES
+
+IOU_MODES = ("log", "linear", "square")
+
+
+def _corners(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return boxes[..., 0], boxes[..., 1], boxes[..., 2], boxes[..., 3]
+
+
+def _wh(boxes: Tensor) -> tuple[Tensor, Tensor]:
+    x1, y1, x2, y2 = _corners(boxes)
+    return (x2 - x1).clamp(min=0), (y2 - y1).clamp(min=0)
+
+
+def paired_iou(pred: Tensor, target: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """IoU of matching boxes ``(..., 4)`` -> ``(iou (...,), union (...,))``."""
+    inter_w = (torch.min(pred[..., 2], target[..., 2]) - torch.max(pred[..., 0], target[..., 0])).clamp(min=0)
+    inter_h = (torch.min(pred[..., 3], target[..., 3]) - torch.max(pred[..., 1], target[..., 1])).clamp(min=0)
+    inter = inter_w * inter_h
+    pw, ph = _wh(pred)
+    tw, th = _wh(target)
+    union = pw * ph + tw * th - inter
+    return inter / (union + eps), union
+
+
+def enclosing_box(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Width and height ``(...,)`` of the smallest box enclosing both."""
+    w = torch.max(pred[..., 2], target[..., 2]) - torch.min(pred[..., 0], target[..., 0])
+    h = torch.max(pred[..., 3], target[..., 3]) - torch.min(pred[..., 1], target[..., 1])
+    return w, h
+
+
+def center_distance_ratio(pred: Tensor, target: Tensor, eps: float) -> Tensor:
+    """DIoU penalty: squared centre distance over squared enclosing diagonal, ``(...,)``."""
+    cw, ch = enclosing_box(pred, target)
+    diag = cw.pow(2) + ch.pow(2) + eps
+    px1, py1, px2, py2 = _corners(pred)
+    tx1, ty1, tx2, ty2 = _corners(target)
+    dist = ((px1 + px2) - (tx1 + tx2)).pow(2) / 4 + ((py1 + py2) - (ty1 + ty2)).pow(2) / 4
+    return dist / diag
+
+
+class _BoxLoss(WeightedLoss):
+    """Shared checks for losses on paired boxes ``pred, target (..., 4)`` -> loss ``(...,)``."""
+
+    def __init__(self, eps: float, reduction: str, loss_weight: float) -> None:
+        super().__init__(reduction, loss_weight)
+        self.eps = float(eps)
+
+    def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
+        if pred.shape != target.shape or pred.shape[-1:] != (4,):
+            raise ValueError(f"{type(self).__name__}: pred and target must both be (..., 4) x1y1x2y2 "
+                             f"boxes, got {tuple(pred.shape)} and {tuple(target.shape)}")
+        return self.box_loss(pred, target)
+
+    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
+                avg_factor: float | Tensor | None = None,
+                reduction_override: str | None = None) -> Tensor:
+        if weight is not None and weight.dim() == pred.dim():
+            weight = weight.mean(-1)  # per-coordinate (..., 4) weights, as mmdetection accepts
+        return super().forward(pred, target, weight, avg_factor, reduction_override)
+
+
+@LOSSES.register()
+class IoULoss(_BoxLoss):
+    """IoU loss (UnitBox / FCOS): ``log``: ``-log(IoU)``, ``linear``: ``1 - IoU``, ``square``: ``1 - IoU^2``.
+
+    Shapes: ``pred, target (..., 4)`` x1y1x2y2; elementwise loss ``(...,)``.
+    """
+
+    def __init__(self, mode: str = "log", eps: float = 1e-6, reduction: str = "mean",
+                 loss_weight: float = 1.0) -> None:
+        super().__init__(eps, reduction, loss_weight)
+        if mode not in IOU_MODES:
+            raise ValueError(f"IoULoss: mode must be one of {IOU_MODES}, got {mode!r}")
+        self.mode = mode
+
+    def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        iou, _ = paired_iou(pred, target, self.eps)
+        if self.mode == "log":
+            return -iou.clamp(min=self.eps).log()
+        if self.mode == "linear":
+            return 1 - iou
+        return 1 - iou.pow(2)
+
+
+@LOSSES.register()
+class GIoULoss(_BoxLoss):
+    """Generalized IoU loss ``1 - IoU + (C - U) / C`` (C: enclosing area). Shapes as IoULoss."""
+
+    def __init__(self, eps: float = 1e-7, reduction: str = "mean", loss_weight: float = 1.0) -> None:
+        super().__init__(eps, reduction, loss_weight)
+
+    def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        iou, union = paired_iou(pred, target, self.eps)
+        cw, ch = enclosing_box(pred, target)
+        area_c = cw * ch
+        return 1 - iou + (area_c - union) / (area_c + self.eps)
+
+
+@LOSSES.register()
+class DIoULoss(_BoxLoss):
+    """Distance IoU loss ``1 - IoU + d^2 / c^2`` (centre distance over enclosing diagonal)."""
+
+    def __init__(self, eps: float = 1e-7, reduction: str = "mean", loss_weight: float = 1.0) -> None:
+        super().__init__(eps, reduction, loss_weight)
+
+    def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        iou, _ = paired_iou(pred, target, self.eps)
+        return 1 - iou + center_distance_ratio(pred, target, self.eps)
+
+
+@LOSSES.register()
+class CIoULoss(_BoxLoss):
+    """Complete IoU loss: DIoU plus ``alpha * v``, ``v = 4/pi^2 (atan(w_t/h_t) - atan(w_p/h_p))^2``.
+
+    ``alpha = v / (1 - IoU + v)`` is treated as a constant (no gradient), as in the paper.
+    """
+
+    def __init__(self, eps: float = 1e-7, reduction: str = "mean", loss_weight: float = 1.0) -> None:
+        super().__init__(eps, reduction, loss_weight)
+
+    def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        iou, _ = paired_iou(pred, target, self.eps)
+        diou = 1 - iou + center_distance_ratio(pred, target, self.eps)
+        pw, ph = (s.clamp(min=self.eps) for s in _wh(pred))
+        tw, th = (s.clamp(min=self.eps) for s in _wh(target))
+        v = (4 / math.pi ** 2) * (torch.atan2(tw, th) - torch.atan2(pw, ph)).pow(2)
+        with torch.no_grad():
+            alpha = v / (1 - iou + v + self.eps)
+        return diou + alpha * v
