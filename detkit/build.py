@@ -1,0 +1,8 @@
+"""Imports every module that registers components, so that all registries are filled.
+
+Registries are filled by explicit imports here (no folder scanning): a component exists for
+``build`` and ``detkit list`` exactly when its module is imported below.
+"""
+
+import detkit.losses  # noqa: F401  (registers LOSSES)
+import detkit.data  # noqa: F401,E402  (registers DATASETS and TRANSFORMS)

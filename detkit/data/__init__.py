@@ -1,0 +1,10 @@
+"""Datasets (COCO json, synthetic shapes), transforms, collate and loaders."""
+
+from detkit.data.coco import CocoDataset, DatasetError
+from detkit.data.collate import collate_detection
+from detkit.data.loader import build_dataloader, build_dataset
+from detkit.data.shapes import ShapesDataset
+from detkit.data.transforms import build_transforms
+
+__all__ = ["CocoDataset", "ShapesDataset", "DatasetError", "build_dataset", "build_dataloader",
+           "build_transforms", "collate_detection"]

@@ -1,0 +1,172 @@
+"""COCO-format detection dataset on ``pycocotools.coco.COCO``."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from detkit.registry import DATASETS
+
+logger = logging.getLogger("detkit.data")
+
+
+class DatasetError(ValueError):
+    """A dataset file is malformed; the message names the file and what was wrong."""
+
+
+def load_coco(ann_file: str | os.PathLike) -> COCO:
+    """Parse a COCO json with pycocotools, turning its failures into errors naming the file."""
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            coco = COCO(str(ann_file))
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{ann_file}: not valid JSON ({err})") from None
+    except (KeyError, TypeError, AssertionError) as err:
+        raise DatasetError(f"{ann_file}: not a COCO detection file; pycocotools said: "
+                           f"{type(err).__name__}: {err}") from None
+    for key in ("images", "categories"):
+        if key not in coco.dataset:
+            raise DatasetError(f"{ann_file}: not a COCO detection file: no '{key}' list")
+    return coco
+
+
+def decode_rgb(path: Path) -> torch.Tensor:
+    """Read an image file as ``uint8 (3, H, W)`` RGB (grayscale and RGBA are converted)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        raise DatasetError(f"{path}: cannot decode image ({err})") from None
+
+
+@DATASETS.register()
+class CocoDataset(Dataset):
+    """Images and boxes of a COCO-format json.
+
+    Items are ``(image, target)``: ``image`` a ``uint8 tv_tensors.Image (3, H, W)`` after
+    ``transforms``; ``target = {"boxes": BoundingBoxes (n, 4) x1y1x2y2 float32 pixels,
+    "labels": int64 (n,) in 0..C-1, "image_id": int, "orig_size": (h, w)}``. Category ids map
+    to contiguous labels in sorted-id order (``classes`` gives the names); crowd boxes are left
+    out of the targets (pycocotools still sees them at evaluation). Boxes are clipped to the
+    image and zero-size boxes dropped, with counts logged once.
+
+    Args:
+        ann_file: COCO json. img_dir: folder the ``file_name`` entries are relative to.
+        transforms: a callable ``(image, target) -> (image, target)`` or a list of transform specs.
+        filter_empty: leave out images with no (non-crowd) box, as for training.
+        skip_bad_images: skip missing/undecodable images (count reported once) instead of failing.
+        data_root: folder that ``ann_file`` and ``img_dir`` are relative to (one key to override).
+    """
+
+    def __init__(self, ann_file: str, img_dir: str, transforms: Sequence[dict] | Callable | None = None,
+                 filter_empty: bool = False, skip_bad_images: bool = False, data_root: str = "") -> None:
+        from detkit.data.transforms import build_transforms
+
+        self.ann_file, self.img_dir = Path(data_root, ann_file), Path(data_root, img_dir)
+        if not self.img_dir.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.img_dir} (img_dir of {self.ann_file})")
+        self.coco = load_coco(self.ann_file)
+        self.cat_ids = sorted(self.coco.getCatIds())
+        self.classes = [self.coco.cats[c]["name"] for c in self.cat_ids]
+        self.skip_bad_images = skip_bad_images
+        self.transforms = build_transforms(transforms)
+        self._targets = self._read_targets()
+        ids = sorted(self.coco.imgs)
+        if filter_empty:
+            ids = [i for i in ids if len(self._targets[i][1])]
+        self.ids = self._drop_missing(ids)
+
+    def _read_targets(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per image id: clipped non-crowd boxes ``(n, 4)`` xyxy and labels ``(n,)``."""
+        label_of = {c: i for i, c in enumerate(self.cat_ids)}
+        rows: dict[int, list[list[float]]] = {i: [] for i in self.coco.imgs}
+        labels: dict[int, list[int]] = {i: [] for i in self.coco.imgs}
+        clipped = dropped = 0
+        for ann in self.coco.dataset.get("annotations", []):
+            ann_id = ann.get("id")
+            if ann.get("category_id") not in label_of:
+                raise DatasetError(f"{self.ann_file}: annotation id {ann_id} has category_id "
+                                   f"{ann.get('category_id')!r}, which is not in 'categories' {self.cat_ids}")
+            if ann.get("image_id") not in self.coco.imgs:
+                raise DatasetError(f"{self.ann_file}: annotation id {ann_id} refers to image_id "
+                                   f"{ann.get('image_id')!r}, which is not in 'images'")
+            if ann.get("iscrowd", 0):
+                continue
+            bbox = ann.get("bbox")
+            if not isinstance(bbox, list) or len(bbox) != 4:
+                raise DatasetError(f"{self.ann_file}: annotation id {ann_id} has bbox {bbox!r}; "
+                                   f"expected [x, y, width, height]")
+            img = self.coco.imgs[ann["image_id"]]
+            x, y, w, h = (float(v) for v in bbox)
+            x1, y1 = min(max(x, 0.0), img["width"]), min(max(y, 0.0), img["height"])
+            x2, y2 = min(max(x + w, 0.0), img["width"]), min(max(y + h, 0.0), img["height"])
+            if x2 <= x1 or y2 <= y1:
+                dropped += 1
+                continue
+            clipped += (x1, y1, x2, y2) != (x, y, x + w, y + h)
+            rows[ann["image_id"]].append([x1, y1, x2, y2])
+            labels[ann["image_id"]].append(label_of[ann["category_id"]])
+        if clipped or dropped:
+            logger.warning("%s: clipped %d boxes to their image and dropped %d boxes of zero or "
+                           "negative size", self.ann_file, clipped, dropped)
+        return {i: (torch.tensor(rows[i], dtype=torch.float32).reshape(-1, 4),
+                    torch.tensor(labels[i], dtype=torch.int64)) for i in rows}
+
+    def _drop_missing(self, ids: list[int]) -> list[int]:
+        missing = [i for i in ids if not (self.img_dir / self.coco.imgs[i]["file_name"]).is_file()]
+        if missing and not self.skip_bad_images:
+            first = self.img_dir / self.coco.imgs[missing[0]]["file_name"]
+            raise FileNotFoundError(f"{len(missing)} image file(s) of {self.ann_file} not found, first: "
+                                    f"{first} (set skip_bad_images: true to skip them)")
+        if missing:
+            logger.warning("%s: skipping %d missing image file(s)", self.ann_file, len(missing))
+        gone = set(missing)
+        return [i for i in ids if i not in gone]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, index: int) -> Path:
+        return self.img_dir / self.coco.imgs[self.ids[index]]["file_name"]
+
+    def load(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        """Item ``index`` before transforms."""
+        image_id = self.ids[index]
+        image = decode_rgb(self.image_path(index))
+        h, w = image.shape[-2:]
+        boxes, labels = self._targets[image_id]
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=(h, w)),
+            "labels": labels.clone(),
+            "image_id": image_id,
+            "orig_size": (h, w),
+        }
+        return tv_tensors.Image(image), target
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        for offset in range(len(self)):
+            try:
+                image, target = self.load((index + offset) % len(self))
+                break
+            except (FileNotFoundError, DatasetError) as err:
+                if not self.skip_bad_images:
+                    raise
+                logger.warning("skipping bad image: %s", err)
+        else:
+            raise DatasetError(f"{self.ann_file}: no image could be read")
+        return self.transforms(image, target)

@@ -1,0 +1,46 @@
+"""Detection transforms from ``torchvision.transforms.v2``, registered for YAML.
+
+A pipeline is a list of specs (``[{type: RandomHorizontalFlip, p: 0.5}, {type: Resize, size: 512}]``).
+Boxes are ``tv_tensors.BoundingBoxes`` and move with the image; every pipeline ends with
+``ClampBoundingBoxes`` + ``SanitizeBoundingBoxes`` so boxes that leave the image are clipped and
+those left degenerate (under ``min_size`` pixels) are dropped with their labels.
+Images stay ``uint8`` in 0..255; the detector normalises on its device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from torchvision.transforms import v2
+
+from detkit.registry import TRANSFORMS, ConfigError
+
+for _cls in (v2.Resize, v2.RandomResize, v2.RandomShortestSize, v2.ScaleJitter, v2.RandomHorizontalFlip,
+             v2.RandomVerticalFlip, v2.RandomPhotometricDistort, v2.ColorJitter, v2.RandomIoUCrop,
+             v2.RandomZoomOut, v2.RandomGrayscale, v2.ClampBoundingBoxes, v2.SanitizeBoundingBoxes):
+    TRANSFORMS.register(_cls)
+
+
+class DetectionPipeline:
+    """``(image, target) -> (image, target)``: the listed transforms, then clamp + sanitize."""
+
+    def __init__(self, transforms: Sequence[Callable], min_size: float = 1.0) -> None:
+        self.transforms = v2.Compose([*transforms, v2.ClampBoundingBoxes(),
+                                      v2.SanitizeBoundingBoxes(min_size=min_size)])
+
+    def __call__(self, image: Any, target: dict) -> tuple[Any, dict]:
+        return self.transforms(image, target)
+
+    def __repr__(self) -> str:
+        return f"DetectionPipeline({self.transforms})"
+
+
+def build_transforms(specs: Sequence[dict] | Callable | None) -> Callable:
+    """A :class:`DetectionPipeline` from a list of transform specs (or a ready callable)."""
+    if callable(specs):
+        return specs
+    if specs is None:
+        specs = []
+    if not isinstance(specs, (list, tuple)):
+        raise ConfigError(f"transforms must be a list of transform specs, got {type(specs).__name__}")
+    return DetectionPipeline([TRANSFORMS.build(spec, f"transforms.{i}") for i, spec in enumerate(specs)])
