@@ -1,0 +1,51 @@
+"""Named loss terms of a head: ``losses: {cls: SPEC, bbox: SPEC or [SPEC, ...], ...}``."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from torch import Tensor, nn
+
+from detkit.registry import LOSSES, ConfigError, did_you_mean
+
+
+class LossTerms(nn.Module):
+    """Builds one loss module (or several, summed) per term and names their outputs.
+
+    ``terms(name, pred, target, ...)`` returns ``{name: loss}`` for a single spec, and
+    ``{f"{name}.{Type}": loss, ...}`` for a list, so that every part is logged on its own.
+    """
+
+    def __init__(self, specs: Mapping[str, Any], required: Sequence[str]) -> None:
+        super().__init__()
+        if not isinstance(specs, Mapping):
+            raise ConfigError(f"losses must map each of {list(required)} to a loss spec, got {specs!r}")
+        for name in specs:
+            if name not in required:
+                close = did_you_mean(name, required)
+                hint = f" Did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"losses.{name}: unknown loss term.{hint} This head's terms: {list(required)}")
+        missing = [n for n in required if n not in specs]
+        if missing:
+            raise ConfigError(f"losses: missing term(s) {missing}; this head needs {list(required)}")
+        self.terms = nn.ModuleDict()
+        self.names: dict[str, list[str]] = {}
+        for name in required:
+            spec = specs[name]
+            many = isinstance(spec, (list, tuple))
+            specs_list = list(spec) if many else [spec]
+            modules = [LOSSES.build(s, f"losses.{name}" + (f".{i}" if many else "")) for i, s in enumerate(specs_list)]
+            self.terms[name] = nn.ModuleList(modules)
+            self.names[name] = self._names(name, specs_list) if many else [name]
+
+    @staticmethod
+    def _names(term: str, specs: Sequence[Mapping[str, Any]]) -> list[str]:
+        names, seen = [], {}
+        for spec in specs:
+            base = f"{term}.{spec['type']}"
+            seen[base] = seen.get(base, 0) + 1
+            names.append(base if seen[base] == 1 else f"{base}.{seen[base] - 1}")
+        return names
+
+    def forward(self, name: str, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        return {label: loss(*args, **kwargs) for label, loss in zip(self.names[name], self.terms[name])}

@@ -1,0 +1,107 @@
+"""CenterNet ("Objects as Points", Zhou et al. 2019): heatmap + size + offset at stride 4."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detkit.distributed import reduce_mean
+from detkit.losses.terms import LossTerms
+from detkit.models.detector import Detector
+from detkit.models.fcos import clip_boxes
+from detkit.registry import ASSIGNERS, DETECTORS, HEADS
+
+CENTERNET_LOSSES = {
+    "heatmap": {"type": "GaussianFocalLoss", "alpha": 2.0, "beta": 4.0, "loss_weight": 1.0},
+    "wh": {"type": "L1Loss", "loss_weight": 0.1},
+    "offset": {"type": "L1Loss", "loss_weight": 1.0},
+}
+
+
+def branch(in_channels: int, feat_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv -> ReLU -> 1x1 conv, CenterNet's output branch."""
+    return nn.Sequential(nn.Conv2d(in_channels, feat_channels, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(feat_channels, out_channels, 1))
+
+
+def gather_cells(maps: Tensor, index: Tensor) -> Tensor:
+    """``maps (B, K, H, W)`` at flat cells ``index (B, G)`` -> ``(B, G, K)``."""
+    flat = maps.flatten(2)  # (B, K, HW)
+    return flat.gather(2, index.unsqueeze(1).expand(-1, maps.shape[1], -1)).transpose(1, 2)
+
+
+@HEADS.register()
+class CenterNetHead(nn.Module):
+    """Heatmap (C), wh (2) and offset (2) branches on one stride-``stride`` map.
+
+    Args:
+        num_classes: C. in_channels: neck width (given by the detector). feat_channels: branch width.
+        stride: output stride (4). heatmap_bias: initial heatmap logit (-2.19 = prior 0.1, as CenterNet).
+        assigner: assigner spec (stride filled in). losses: ``{heatmap, wh, offset}`` specs.
+        topk, score_thr: inference (peaks kept per image, minimum score).
+    Forward: ``[(B, in_channels, H, W)]`` -> ``(heatmap (B, C, H, W) logits, wh (B, 2, H, W), offset (B, 2, H, W))``.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 64, stride: int = 4,
+                 heatmap_bias: float = -2.19, assigner: Mapping[str, Any] | None = None,
+                 losses: Mapping[str, Any] | None = None, topk: int = 100, score_thr: float = 0.01) -> None:
+        super().__init__()
+        self.num_classes = int(num_classes)
+        self.stride = int(stride)
+        self.heatmap = branch(in_channels, feat_channels, num_classes)
+        self.wh = branch(in_channels, feat_channels, 2)
+        self.offset = branch(in_channels, feat_channels, 2)
+        for module in (self.wh, self.offset):
+            nn.init.normal_(module[-1].weight, std=0.001)
+            nn.init.zeros_(module[-1].bias)
+        nn.init.constant_(self.heatmap[-1].bias, heatmap_bias)
+        self.assigner = ASSIGNERS.build(dict(assigner or {"type": "CenterNetAssigner"}), "assigner",
+                                        stride=self.stride)
+        self.losses = LossTerms(losses if losses is not None else CENTERNET_LOSSES, ("heatmap", "wh", "offset"))
+        self.topk, self.score_thr = topk, score_thr
+
+    def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        x = feats[-1]
+        return self.heatmap(x), self.wh(x), self.offset(x)
+
+    def loss(self, outputs: tuple[Tensor, Tensor, Tensor], gt_boxes: Tensor, gt_labels: Tensor,
+             gt_mask: Tensor) -> dict[str, Tensor]:
+        """Weighted terms; heatmap normalised by the number of objects, wh/offset by 2x that (per coordinate)."""
+        heatmap, wh, offset = outputs
+        t = self.assigner(gt_boxes, gt_labels, gt_mask, self.num_classes, tuple(heatmap.shape[-2:]))
+        weight = t["mask"].float()
+        num_obj = reduce_mean(weight.sum()).clamp(min=1.0)
+        return {
+            **self.losses("heatmap", heatmap, t["heatmap"], avg_factor=num_obj),
+            **self.losses("wh", gather_cells(wh, t["index"]), t["wh"], weight=weight, avg_factor=2 * num_obj),
+            **self.losses("offset", gather_cells(offset, t["index"]), t["offset"], weight=weight,
+                          avg_factor=2 * num_obj),
+        }
+
+    @torch.no_grad()
+    def predict(self, outputs: tuple[Tensor, Tensor, Tensor], image_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """Top-k 3x3 peaks of the heatmap per image, decoded to boxes in input pixels."""
+        heatmap, wh, offset = outputs
+        batch, _, height, width = heatmap.shape
+        heat = heatmap.float().sigmoid()
+        peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
+        scores, index = peaks.flatten(1).topk(min(self.topk, peaks[0].numel()), dim=1)  # (B, K)
+        labels = torch.div(index, height * width, rounding_mode="floor")
+        cell = index % (height * width)
+        size = gather_cells(wh.float(), cell)
+        shift = gather_cells(offset.float(), cell)
+        cx = ((cell % width).float() + shift[..., 0]) * self.stride
+        cy = (torch.div(cell, width, rounding_mode="floor").float() + shift[..., 1]) * self.stride
+        half_w, half_h = size[..., 0] * self.stride / 2, size[..., 1] * self.stride / 2
+        boxes = clip_boxes(torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1), image_sizes)
+        keep = scores > self.score_thr
+        return [{"boxes": boxes[i][keep[i]], "scores": scores[i][keep[i]], "labels": labels[i][keep[i]]}
+                for i in range(batch)]
+
+
+@DETECTORS.register()
+class CenterNet(Detector):
+    """CenterNet detector: ``backbone -> neck (up-sampling to stride 4) -> CenterNetHead``."""

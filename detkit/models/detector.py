@@ -1,0 +1,94 @@
+"""What every detector shares: input normalisation, GT padding, backbone + neck + head wiring."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detkit.registry import BACKBONES, HEADS, NECKS
+
+# torchvision's ImageNet statistics, in 0..255 pixel units.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def pad_targets(targets: Sequence[Mapping[str, Tensor]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image GT lists -> ``boxes (B, G, 4)``, ``labels (B, G)`` int64, ``mask (B, G)`` bool.
+
+    ``G`` is the largest box count of the batch (at least 1); padding rows have ``mask`` False.
+    One host-to-device copy per tensor instead of one per image.
+    """
+    counts = [len(t["labels"]) for t in targets]
+    g = max(max(counts, default=0), 1)
+    boxes = torch.zeros(len(targets), g, 4)
+    labels = torch.zeros(len(targets), g, dtype=torch.int64)
+    mask = torch.zeros(len(targets), g, dtype=torch.bool)
+    for i, (t, n) in enumerate(zip(targets, counts)):
+        boxes[i, :n] = t["boxes"].detach().float().cpu()
+        labels[i, :n] = t["labels"].cpu()
+        mask[i, :n] = True
+    return (boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True),
+            mask.to(device, non_blocking=True))
+
+
+class Detector(nn.Module):
+    """Backbone -> neck -> head, with images normalised on the model's device.
+
+    Images are ``(B, 3, H, W)`` in 0..255 pixel units (``uint8`` as the loaders give, or float).
+    The head owns its assigner and loss terms (``head.loss``) and its decoding (``head.predict``);
+    ``loss(images, targets)`` -> ``{term: weighted loss}``, ``predict(images, image_sizes)`` -> per
+    image ``{"boxes" (n, 4) x1y1x2y2 input pixels, "scores" (n,), "labels" (n,)}``.
+    """
+
+    def __init__(self, backbone: dict, neck: dict, head: dict, pixel_mean: Sequence[float] = PIXEL_MEAN,
+                 pixel_std: Sequence[float] = PIXEL_STD) -> None:
+        super().__init__()
+        self.backbone = BACKBONES.build(backbone, "backbone")
+        self.neck = NECKS.build(neck, "neck", in_channels=self.backbone.out_channels)
+        self.head = HEADS.build(head, "head", in_channels=self.neck.out_channels)
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        # When set, forward keeps the neck outputs in ``last_features`` (the trainer's per-term
+        # gradient norms are taken w.r.t. these shared features).
+        self.keep_features = False
+        self.last_features: list[Tensor] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` 0..255 -> float normalised, on the model's device."""
+        images = images.to(self.pixel_mean.device, non_blocking=True)
+        return (images.float() - self.pixel_mean) / self.pixel_std
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        return self.neck(self.backbone(self.normalize(images)))
+
+    def forward(self, images: Tensor, targets: Sequence[Mapping[str, Tensor]] | None = None) -> Any:
+        """Raw head outputs, or with ``targets`` the weighted loss terms (the DDP entry point)."""
+        feats = self.features(images)
+        self.last_features = feats if self.keep_features else None
+        outputs = self.head(feats)
+        if targets is None:
+            return outputs
+        boxes, labels, mask = pad_targets(targets, self.pixel_mean.device)
+        return self.head.loss(outputs, boxes, labels, mask)
+
+    @staticmethod
+    def full_sizes(images: Tensor, image_sizes: Tensor | Sequence | None) -> Tensor:
+        """``(B, 2)`` (h, w) valid sizes; the padded size when none are given."""
+        if image_sizes is None:
+            return torch.tensor([images.shape[-2:]] * images.shape[0])
+        return torch.as_tensor(image_sizes).reshape(-1, 2)
+
+    def loss(self, images: Tensor, targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Weighted loss terms for ``targets`` = per image ``{"boxes" (n, 4), "labels" (n,)}``."""
+        return self(images, targets)
+
+    @torch.no_grad()
+    def predict(self, images: Tensor, image_sizes: Tensor | Sequence | None = None) -> list[dict[str, Tensor]]:
+        """Detections per image, boxes clipped to ``image_sizes (B, 2)`` (h, w) (default: padded size)."""
+        return self.head.predict(self(images), self.full_sizes(images, image_sizes))

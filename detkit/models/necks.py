@@ -1,0 +1,85 @@
+"""Necks: FPN with P6/P7 (on torchvision's FeaturePyramidNetwork) and CenterNet's up-sampling neck."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from detkit.models.backbones import norm_layer
+from detkit.registry import NECKS, ConfigError
+
+
+@NECKS.register()
+class FPN(nn.Module):
+    """Feature pyramid (P3..P5 from C3..C5) plus ``extra_levels`` stride-2 convs (P6, P7).
+
+    Args:
+        in_channels: channels of the backbone maps, finest first.
+        out_channels: width of every output level.
+        extra_levels: 0 or 2 (P6, P7 as in RetinaNet/FCOS).
+        extra_on: ``p5`` (FCOS: extra convs on the P5 output) or ``c5`` (RetinaNet: on the C5 input).
+    Output: list of ``(B, out_channels, H_l, W_l)``, finest first.
+    """
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int = 256, extra_levels: int = 2,
+                 extra_on: str = "p5") -> None:
+        super().__init__()
+        if extra_levels not in (0, 2):
+            raise ConfigError(f"FPN extra_levels must be 0 or 2 (P6, P7), got {extra_levels}")
+        if extra_on not in ("p5", "c5"):
+            raise ConfigError(f"FPN extra_on must be 'p5' or 'c5', got {extra_on!r}")
+        extra = None
+        if extra_levels:
+            extra = LastLevelP6P7(out_channels if extra_on == "p5" else in_channels[-1], out_channels)
+        self.fpn = FeaturePyramidNetwork(list(in_channels), out_channels, extra_blocks=extra)
+        self.out_channels = out_channels
+        self.num_outs = len(in_channels) + extra_levels
+
+    def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
+        return list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats))).values())
+
+
+@NECKS.register()
+class CenterNetNeck(nn.Module):
+    """Up-sampling neck to stride 4 from the coarsest backbone map (CenterNet ResNet variant).
+
+    Each stage: 3x3 conv -> norm -> ReLU -> x2 up-sampling (4x4 deconv, or bilinear when
+    ``use_deconv`` is false, cheaper on CPU) -> norm -> ReLU. With ``skip``, the backbone map of
+    the same stride is added after each up-sampling through a 1x1 conv (better small objects).
+    Output: ``[(B, channels[-1], H / 4, W / 4)]`` for a stride-32 input and three stages.
+    """
+
+    def __init__(self, in_channels: Sequence[int], channels: Sequence[int] = (256, 128, 64),
+                 use_deconv: bool = True, skip: bool = False, norm: str = "BN") -> None:
+        super().__init__()
+        make_norm = norm_layer(norm)
+        self.use_deconv = use_deconv
+        self.stages = nn.ModuleList()
+        self.laterals = nn.ModuleList() if skip else None
+        prev = in_channels[-1]
+        if skip and len(in_channels) < len(channels) + 1:
+            raise ConfigError(f"CenterNetNeck skip needs {len(channels) + 1} backbone maps, got {len(in_channels)}")
+        for i, ch in enumerate(channels):
+            up = (nn.ConvTranspose2d(ch, ch, 4, stride=2, padding=1, bias=False) if use_deconv
+                  else nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.stages.append(nn.Sequential(nn.Conv2d(prev, ch, 3, padding=1, bias=False), make_norm(ch),
+                                             nn.ReLU(inplace=True), up, make_norm(ch), nn.ReLU(inplace=True)))
+            if skip:
+                self.laterals.append(nn.Conv2d(in_channels[-2 - i], ch, 1))
+            prev = ch
+        self.out_channels = prev
+
+    def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
+        x = feats[-1]
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if self.laterals is not None:
+                lateral = self.laterals[i](feats[-2 - i])
+                x = x + (lateral if lateral.shape[-2:] == x.shape[-2:] else
+                         F.interpolate(lateral, size=x.shape[-2:], mode="nearest"))
+        return [x]
