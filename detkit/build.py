@@ -4,5 +4,8 @@ Registries are filled by explicit imports here (no folder scanning): a component
 ``build`` and ``detkit list`` exactly when its module is imported below.
 """
 
-import detkit.losses  # noqa: F401  (registers LOSSES)
+import detkit.assigners  # noqa: F401,E402  (registers ASSIGNERS)
 import detkit.data  # noqa: F401,E402  (registers DATASETS and TRANSFORMS)
+import detkit.engine.optim  # noqa: F401,E402  (registers OPTIMIZERS and SCHEDULERS)
+import detkit.losses  # noqa: F401  (registers LOSSES)
+import detkit.models  # noqa: F401,E402  (registers BACKBONES, NECKS, HEADS, DETECTORS)

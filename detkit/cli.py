@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import inspect
 import sys
+from pathlib import Path
 from typing import Sequence
 
+from detkit.data.coco import DatasetError
+from detkit.engine.checkpoint import CheckpointError
+from detkit.engine.trainer import NonFiniteLossError
 from detkit.registry import REGISTRIES, ConfigError, Registry, format_params
 
 
@@ -40,13 +44,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_browse(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from detkit.config import load_config
+    from detkit.config import import_modules, load_config
     from detkit.data import build_dataset
     from detkit.visualize import draw_detections, save_grid
 
     cfg = load_config(args.config, args.set)
+    import_modules(cfg)
     dataset = build_dataset(cfg["data"][args.split], f"data.{args.split}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,15 +66,60 @@ def cmd_browse(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> tuple[dict, Path]:
+    from detkit.config import import_modules, load_config
+
+    cfg = load_config(args.config, args.set)
+    import_modules(cfg)
+    work_dir = Path(args.work_dir or cfg.get("work_dir") or Path("work_dirs") / Path(args.config).stem)
+    cfg["work_dir"] = str(work_dir)
+    return cfg, work_dir
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    print("detkit train: not implemented yet (the trainer lands with issue 5); "
-          f"config given: {args.config}", file=sys.stderr)
-    return 2
+    from detkit.engine import Trainer
+
+    cfg, work_dir = _load(args)
+    resume = None if args.resume is None else (args.resume or "auto")
+    trainer = Trainer(cfg, work_dir, device=args.device, resume=resume, build_train=not args.eval_only)
+    if args.eval_only:
+        if resume is None:
+            raise ConfigError("--eval-only needs weights: give --resume CKPT (or --resume for the work dir's latest)")
+        trainer.evaluate()
+    else:
+        trainer.train()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from detkit.engine import evaluate_checkpoint
+
+    cfg, work_dir = _load(args)
+    evaluate_checkpoint(cfg, args.checkpoint, work_dir, device=args.device)
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from detkit.engine.inference import infer_images
+    from detkit.engine.run_log import setup_logging
+
+    cfg, _ = _load(args)
+    setup_logging(None, 0)
+    infer_images(cfg, args.checkpoint, args.images, args.out, args.score_thr, args.device or "auto")
+    return 0
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. --set train.epochs=3 model.head.losses.bbox.type=DIoULoss")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument("--work-dir", default=None, help="output folder (default: work_dirs/<config name>)")
+    parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                        help="default: train.device of the config (auto: GPU when available)")
+    add_set_argument(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,9 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     p_browse.add_argument("-n", type=int, default=16, help="number of samples")
     add_set_argument(p_browse)
     p_browse.set_defaults(func=cmd_browse)
-    p_train = sub.add_parser("train", help="train a detector from a YAML config")
-    p_train.add_argument("--config", required=True)
+    p_train = sub.add_parser("train", help="train a detector from a YAML config (also: tools/train.py)")
+    add_run_arguments(p_train)
+    p_train.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                         help="resume from CKPT, or without a path from the work dir's newest readable checkpoint")
+    p_train.add_argument("--eval-only", action="store_true", help="evaluate the --resume weights and exit")
     p_train.set_defaults(func=cmd_train)
+    p_eval = sub.add_parser("eval", help="COCO-evaluate a checkpoint on data.val (also: tools/eval.py)")
+    add_run_arguments(p_eval)
+    p_eval.add_argument("--checkpoint", required=True)
+    p_eval.set_defaults(func=cmd_eval)
+    p_infer = sub.add_parser("infer", help="detect objects in image files (also: tools/infer.py)")
+    add_run_arguments(p_infer)
+    p_infer.add_argument("--checkpoint", required=True)
+    p_infer.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    p_infer.add_argument("--out", required=True, help="folder for the drawn PNGs and results.json")
+    p_infer.add_argument("--score-thr", type=float, default=0.3)
+    p_infer.set_defaults(func=cmd_infer)
     return parser
 
 
@@ -98,9 +160,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (DatasetError, CheckpointError, NonFiniteLossError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

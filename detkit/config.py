@@ -8,8 +8,10 @@ component's arguments never leak into the new one.
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -38,7 +40,7 @@ def parse_yaml(text: str) -> object:
     """YAML text -> Python objects (safe loader, scientific-notation floats)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader derives from SafeLoader)
 #: Top-level sections an override may create even when the loaded file lacks them.
-SECTIONS = ("model", "data", "optimizer", "scheduler", "train", "work_dir")
+SECTIONS = ("model", "data", "optimizer", "scheduler", "train", "work_dir", "imports")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -156,6 +158,21 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] | None = None)
     for item in overrides or ():
         apply_override(cfg, item)
     return cfg
+
+
+def import_modules(cfg: dict) -> None:
+    """Import the modules listed under ``imports`` (they register user components)."""
+    names = cfg.get("imports") or []
+    if isinstance(names, str):
+        names = [names]
+    if names and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # tools/*.py put their own folder first, not the cwd
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(f"imports: cannot import '{name}' ({err}); it must be importable from "
+                              f"the current folder or the Python path") from None
 
 
 def dump_config(cfg: dict, path: str | os.PathLike) -> None:

@@ -17,6 +17,8 @@ PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#4
 def draw_detections(image: Tensor, boxes: Tensor, labels: Tensor, classes: Sequence[str],
                     scores: Tensor | None = None) -> Tensor:
     """``uint8 (3, H, W)`` image with ``boxes (n, 4)`` x1y1x2y2 drawn and named -> ``uint8 (3, H, W)``."""
+    if len(boxes) == 0:
+        return image.to(torch.uint8).cpu()
     names = [classes[int(i)] if int(i) < len(classes) else str(int(i)) for i in labels]
     if scores is not None:
         names = [f"{n} {float(s):.2f}" for n, s in zip(names, scores)]

@@ -114,3 +114,24 @@ def test_dump_config_round_trips(tree, tmp_path):
     dump_config(cfg, tmp_path / "out/config.yaml")
     assert load_config(tmp_path / "out/config.yaml") == cfg
     assert yaml.safe_load((tmp_path / "out/config.yaml").read_text()) == cfg
+
+
+def test_imports_section_registers_user_components(tmp_path, monkeypatch):
+    from detkit.config import import_modules
+    from detkit.losses import LOSSES, build_loss
+
+    (tmp_path / "my_losses_pkg.py").write_text(
+        "from detkit.losses import WeightedLoss\nfrom detkit.registry import LOSSES\n\n"
+        "@LOSSES.register()\nclass SquaredLoss(WeightedLoss):\n"
+        "    def elementwise(self, pred, target):\n        return (pred - target) ** 2\n")
+    monkeypatch.chdir(tmp_path)
+    import_modules({"imports": ["my_losses_pkg"]})
+    try:
+        import torch
+
+        loss = build_loss({"type": "SquaredLoss", "loss_weight": 2.0})
+        assert loss(torch.tensor([3.0]), torch.tensor([1.0])).item() == 8.0
+    finally:
+        LOSSES._entries.pop("SquaredLoss", None)
+    with pytest.raises(ConfigError, match="imports: cannot import 'no_such_module_xyz'"):
+        import_modules({"imports": ["no_such_module_xyz"]})

@@ -1,4 +1,4 @@
-"""Train a detector from a YAML config: ``python tools/train.py --config CFG``."""
+"""`python tools/train.py --config CFG [...]` (same as `python -m detkit train`)."""
 
 import sys
 

@@ -26,8 +26,8 @@ def build_dataloader(data_cfg: Mapping[str, Any], split: str, seed: int = 0, ran
     Sampling always goes through ``DistributedSampler`` (also for one process), so the order
     depends only on ``(seed, epoch)``: call ``loader.sampler.set_epoch(epoch)`` every epoch and
     a resumed run sees the same order. Keys used: ``batch_size`` (per process), ``num_workers``,
-    ``pin_memory``, ``persistent_workers``, ``size_divisor`` and, for evaluation,
-    ``val_batch_size``.
+    ``pin_memory`` (null: when CUDA is available), ``persistent_workers``, ``drop_last``,
+    ``size_divisor`` and, for evaluation, ``val_batch_size``.
     """
     if split not in data_cfg:
         raise ConfigError(f"data.{split}: no dataset spec for split '{split}'; "
@@ -43,6 +43,6 @@ def build_dataloader(data_cfg: Mapping[str, Any], split: str, seed: int = 0, ran
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
         collate_fn=partial(collate_detection, size_divisor=int(data_cfg.get("size_divisor", 32))),
-        pin_memory=bool(data_cfg.get("pin_memory", torch.cuda.is_available())),
+        pin_memory=torch.cuda.is_available() if data_cfg.get("pin_memory") is None else bool(data_cfg["pin_memory"]),
         persistent_workers=bool(data_cfg.get("persistent_workers", False)) and workers > 0,
         drop_last=train and bool(data_cfg.get("drop_last", False)), generator=generator)

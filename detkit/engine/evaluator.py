@@ -1,0 +1,76 @@
+"""COCO bbox evaluation with pycocotools, on predictions mapped back to original image pixels."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+
+logger = logging.getLogger("detkit")
+
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def to_original_coords(boxes: Tensor, scale_factor: Tensor, orig_size: Sequence[int]) -> Tensor:
+    """Boxes ``(n, 4)`` in transformed-image pixels -> original pixels (divide by ``(sx, sy)``, clip)."""
+    sx, sy = float(scale_factor[0]), float(scale_factor[1])
+    out = boxes.float().cpu() / torch.tensor([sx, sy, sx, sy])
+    h, w = int(orig_size[0]), int(orig_size[1])
+    return torch.stack([out[:, 0].clamp(0, w), out[:, 1].clamp(0, h), out[:, 2].clamp(0, w),
+                        out[:, 3].clamp(0, h)], dim=1)
+
+
+def coco_results(predictions: Sequence[dict[str, Tensor]], image_ids: Sequence[int], cat_ids: Sequence[int]
+                 ) -> list[dict[str, Any]]:
+    """Per-image predictions (original pixels) -> COCO results list (``bbox`` as xywh)."""
+    results = []
+    for pred, image_id in zip(predictions, image_ids):
+        boxes = pred["boxes"].tolist()
+        for (x1, y1, x2, y2), score, label in zip(boxes, pred["scores"].tolist(), pred["labels"].tolist()):
+            results.append({"image_id": int(image_id), "category_id": int(cat_ids[int(label)]),
+                            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+                            "score": round(float(score), 5)})
+    return results
+
+
+def evaluate_coco(coco_gt: Any, results: list[dict[str, Any]], classes: Sequence[str],
+                  image_ids: Sequence[int] | None = None) -> dict[str, Any]:
+    """Run ``COCOeval`` (bbox) and return ``{AP, AP50, AP75, APs, APm, APl, per_class: {name: AP}}``.
+
+    Values are fractions in [0, 1]; -1 (pycocotools' "no such objects") becomes NaN. Without
+    results every metric is 0.
+    """
+    cat_ids = sorted(coco_gt.getCatIds())
+    if not results:
+        return {**{k: 0.0 for k in SUMMARY_KEYS}, "per_class": {c: 0.0 for c in classes}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results))
+        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if image_ids is not None:
+            ev.params.imgIds = sorted(set(int(i) for i in image_ids))
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = [float(s) if s >= 0 else float("nan") for s in ev.stats[:6]]
+    precision = ev.eval["precision"]  # (T iou, R recall, K classes, A areas, M max dets)
+    per_class = {}
+    for k, name in enumerate(classes[: len(cat_ids)]):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        per_class[name] = float(np.mean(p)) if p.size else float("nan")
+    return {**dict(zip(SUMMARY_KEYS, stats)), "per_class": per_class}
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A small text table: summary line, then AP per class."""
+    head = " | ".join(f"{k} {100 * metrics[k]:5.1f}" for k in SUMMARY_KEYS)
+    width = max((len(c) for c in metrics["per_class"]), default=5)
+    rows = [f"  {name:<{width}}  AP {100 * ap:5.1f}" for name, ap in metrics["per_class"].items()]
+    return "\n".join([f"bbox: {head}", *rows])

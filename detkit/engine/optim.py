@@ -1,0 +1,81 @@
+"""Optimizers (no weight decay on norm and bias parameters) and per-iteration LR schedules."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from detkit.registry import OPTIMIZERS, SCHEDULERS, ConfigError
+
+OPTIMIZERS.register(torch.optim.SGD)
+OPTIMIZERS.register(torch.optim.AdamW)
+OPTIMIZERS.register(torch.optim.Adam)
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: conv/linear weights with ``weight_decay``; biases, norm and scale parameters without."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            skip = isinstance(module, NORM_TYPES) or name == "bias" or param.ndim <= 1
+            (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> torch.optim.Optimizer:
+    """``optimizer: {type: SGD | AdamW | Adam, lr: ..., weight_decay: ..., ...}``."""
+    spec = dict(spec)
+    groups = param_groups(model, float(spec.get("weight_decay", 0.0)))
+    return OPTIMIZERS.build(spec, "optimizer", params=groups)
+
+
+@SCHEDULERS.register()
+class WarmupCosine:
+    """Linear warmup from ``warmup_ratio * lr`` over ``warmup_iters``, then cosine to ``min_lr_ratio * lr``."""
+
+    def __init__(self, total_iters: int, iters_per_epoch: int, warmup_iters: int = 500,
+                 warmup_ratio: float = 0.001, min_lr_ratio: float = 0.0) -> None:
+        self.total, self.warmup = max(int(total_iters), 1), min(int(warmup_iters), max(int(total_iters) - 1, 0))
+        self.warmup_ratio, self.min_ratio = float(warmup_ratio), float(min_lr_ratio)
+
+    def __call__(self, it: int) -> float:
+        if it < self.warmup:
+            return self.warmup_ratio + (1 - self.warmup_ratio) * it / self.warmup
+        progress = (it - self.warmup) / max(self.total - self.warmup, 1)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@SCHEDULERS.register()
+class WarmupMultiStep:
+    """Linear warmup, then the LR times ``gamma`` at each epoch in ``milestones``."""
+
+    def __init__(self, total_iters: int, iters_per_epoch: int, milestones: Sequence[int] = (8, 11),
+                 gamma: float = 0.1, warmup_iters: int = 500, warmup_ratio: float = 0.001) -> None:
+        self.steps = sorted(int(m) * int(iters_per_epoch) for m in milestones)
+        self.gamma, self.warmup, self.warmup_ratio = float(gamma), int(warmup_iters), float(warmup_ratio)
+
+    def __call__(self, it: int) -> float:
+        factor = self.gamma ** sum(it >= s for s in self.steps)
+        if it < self.warmup:
+            factor *= self.warmup_ratio + (1 - self.warmup_ratio) * it / self.warmup
+        return factor
+
+
+def build_scheduler(spec: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, total_iters: int,
+                    iters_per_epoch: int) -> LambdaLR:
+    """A per-iteration ``LambdaLR`` (call ``step()`` after every optimizer step)."""
+    if spec is None:
+        spec = {"type": "WarmupCosine", "warmup_iters": 0}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"scheduler: expected a spec like {{type: WarmupCosine}}, got {spec!r}")
+    factor = SCHEDULERS.build(spec, "scheduler", total_iters=total_iters, iters_per_epoch=iters_per_epoch)
+    return LambdaLR(optimizer, factor)

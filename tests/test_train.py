@@ -1,0 +1,247 @@
+"""The trainer end to end through the real CLI on tiny configs: files, resume, safety nets, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from detkit.config import load_config
+from detkit.engine import (
+    CheckpointError,
+    NonFiniteLossError,
+    Trainer,
+    load_checkpoint,
+    save_checkpoint,
+)
+from detkit.losses import WeightedLoss
+from detkit.registry import LOSSES
+
+ROOT = Path(__file__).resolve().parents[1]
+FCOS_CFG = ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"
+CENTERNET_CFG = ROOT / "configs/centernet/centernet_r18_shapes.yaml"
+
+
+def tiny(data_root: Path, epochs: int = 2, images: int = 8) -> list[str]:
+    """Overrides that shrink a shapes config to seconds per epoch."""
+    return [f"data.train.root={data_root}", f"data.val.root={data_root}", f"data.train.num_images={images}",
+            "data.val.num_images=4", "data.train.image_size=64", "data.val.image_size=64", "data.batch_size=4",
+            "data.num_workers=0", f"train.epochs={epochs}", "train.log_interval=1", "train.eval_interval=1",
+            "scheduler.warmup_iters=2", "model.backbone.depth=18"]
+
+
+def tiny_fcos(data_root: Path, **kw) -> list[str]:
+    return tiny(data_root, **kw) + ["model.neck.out_channels=16", "model.head.feat_channels=16",
+                                    "model.head.num_convs=1"]
+
+
+def cli(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def test_cli_train_eval_infer_end_to_end(tmp_path):
+    work = tmp_path / "work"
+    cli(str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cpu",
+        "--set", *tiny_fcos(tmp_path / "data"), "train.keep_checkpoints=1", "train.ema={decay: 0.9}",
+        cwd=tmp_path)
+    names = {p.name for p in work.iterdir()}
+    assert {"config.yaml", "log.txt", "metrics.jsonl", "tb", "latest.pth", "best.pth", "epoch_2.pth",
+            "results"} <= names
+    assert "epoch_1.pth" not in names  # keep_checkpoints=1
+    assert any(p.name.startswith("events.out.tfevents") for p in (work / "tb").iterdir())
+    assert load_config(work / "config.yaml")["train"]["epochs"] == 2  # resolved config, reloadable
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert len(train) == 4 and len(evals) == 2  # 2 iterations x 2 epochs, logged every step; 2 evaluations
+    for key in ("epoch", "iter", "cls", "bbox", "centerness", "total", "lr", "grad_norm"):
+        assert key in train[-1]
+    assert set(train[0]["term_grad_norm"]) == {"cls", "bbox", "centerness"}
+    for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"):
+        assert key in evals[-1]
+    assert set(evals[-1]["per_class"]) == {"circle", "square", "triangle", "star"}
+    ckpt = torch.load(work / "latest.pth", map_location="cpu", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "scaler", "ema", "epoch", "iter", "rng", "config"} <= set(ckpt)
+    assert (ckpt["epoch"], ckpt["iter"]) == (2, 4)
+    assert "bbox:" in (work / "log.txt").read_text()
+
+    out = cli(str(ROOT / "tools/eval.py"), "--config", str(work / "config.yaml"), "--checkpoint",
+              str(work / "latest.pth"), "--work-dir", str(tmp_path / "eval"), "--device", "cpu", cwd=tmp_path)
+    assert "AP50" in out.stderr
+
+    images = sorted((Path(ckpt["config"]["data"]["val"]["root"])).glob("*/images/*.png"))[:2]
+    cli(str(ROOT / "tools/infer.py"), "--config", str(work / "config.yaml"), "--checkpoint", str(work / "best.pth"),
+        "--images", *map(str, images), "--out", str(tmp_path / "infer"), "--score-thr", "0.0", cwd=tmp_path)
+    written = {p.name for p in (tmp_path / "infer").iterdir()}
+    assert {images[0].stem + ".png", images[1].stem + ".png", "results.json"} <= written
+    results = json.loads((tmp_path / "infer/results.json").read_text())
+    assert results and {"image_id", "category_id", "bbox", "score"} <= set(results[0])
+
+
+def test_centernet_trains_through_the_cli(tmp_path):
+    work = tmp_path / "work"
+    cli("-m", "detkit", "train", "--config", str(CENTERNET_CFG), "--work-dir", str(work), "--device", "cpu",
+        "--set", *tiny(tmp_path / "data", epochs=1), "model.neck.channels=[32,16,16]", "model.head.feat_channels=16",
+        cwd=tmp_path)
+    evals = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert len(evals) == 1 and (work / "latest.pth").is_file()
+
+
+def test_loss_swap_through_set(tmp_path):
+    work = tmp_path / "work"
+    cli(str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cpu",
+        "--set", *tiny_fcos(tmp_path / "data", epochs=1), "model.head.losses.bbox.type=CIoULoss", cwd=tmp_path)
+    assert load_config(work / "config.yaml")["model"]["head"]["losses"]["bbox"]["type"] == "CIoULoss"
+    train = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert all(r["bbox"] > 0 for r in train)
+
+
+def test_bad_override_fails_with_a_clear_message(tmp_path):
+    proc = cli(str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--set", "train.epocs=1",
+               cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "unknown key 'train.epocs'. Did you mean 'epochs'" in proc.stderr
+
+
+def test_exact_resume_after_a_clean_stop_is_bit_identical(tmp_path):
+    torch.set_num_threads(1)
+    cfg = load_config(FCOS_CFG, tiny_fcos(tmp_path / "data"))
+    straight = Trainer(cfg, tmp_path / "straight", device="cpu")
+    straight.train()
+    first = Trainer(cfg, tmp_path / "split", device="cpu")
+    first.train_epoch()
+    first.epoch += 1
+    first.save_epoch()
+    del first
+    torch.manual_seed(1234)  # disturb the global RNG: resume must restore it
+    resumed = Trainer(cfg, tmp_path / "split", device="cpu", resume="auto")
+    assert resumed.epoch == 1
+    resumed.train()
+    assert_same_weights(tmp_path / "straight/latest.pth", tmp_path / "split/latest.pth")
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    args = [str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--device", "cpu", "--set",
+            *tiny_fcos(tmp_path / "data", epochs=3), "train.eval_interval=10"]
+    cli(*args, "--work-dir", str(tmp_path / "straight"), cwd=tmp_path)
+    work = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args, "--work-dir", str(work)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (work / "epoch_1.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (work / "epoch_1.pth").exists()
+    cli(*args, "--work-dir", str(work), "--resume", cwd=tmp_path)
+    assert_same_weights(tmp_path / "straight/latest.pth", work / "latest.pth")
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pth"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]  # no temp file left behind
+
+
+def test_corrupt_checkpoint_is_named_and_auto_resume_falls_back(tmp_path):
+    work = tmp_path / "work"
+    args = [str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cpu",
+            "--set", *tiny_fcos(tmp_path / "data", epochs=1), "train.eval_interval=10"]
+    cli(*args, cwd=tmp_path)
+    data = (work / "latest.pth").read_bytes()
+    (work / "latest.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"latest\.pth is corrupt or truncated"):
+        load_checkpoint(work / "latest.pth")
+    proc = cli(*args, "--resume", str(work / "latest.pth"), cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "latest.pth is corrupt or truncated" in proc.stderr
+    proc = cli(*args[:-1], "train.eval_interval=10", "train.epochs=2", "--resume", cwd=tmp_path)
+    assert "falling back to" in proc.stderr and "epoch_1.pth" in proc.stderr
+    assert load_checkpoint(work / "latest.pth")["epoch"] == 2
+
+
+@LOSSES.register()
+class FlakyLoss(WeightedLoss):
+    """Test-only: an L1 loss that is NaN on the calls listed in ``nan_calls`` (all calls: -1)."""
+
+    def __init__(self, nan_calls: tuple = (-1,), reduction: str = "mean", loss_weight: float = 1.0) -> None:
+        super().__init__(reduction, loss_weight)
+        self.nan_calls, self.calls = set(nan_calls), 0
+
+    def elementwise(self, pred, target):
+        self.calls += 1
+        loss = (pred - target).abs()
+        return loss * float("nan") if -1 in self.nan_calls or self.calls in self.nan_calls else loss
+
+
+def test_nan_guard_skips_bad_steps_and_aborts_after_patience(tmp_path):
+    cfg = load_config(FCOS_CFG, tiny_fcos(tmp_path / "data", images=16, epochs=1) + [
+        "model.head.losses.bbox.type=FlakyLoss", "model.head.losses.bbox.nan_calls=[2, 3]", "train.nan_patience=3"])
+    cfg["model"]["head"]["losses"]["bbox"].pop("loss_weight", None)
+    trainer = Trainer(cfg, tmp_path / "transient", device="cpu")
+    trainer.train()
+    assert trainer.iter == 2  # 4 batches, 2 skipped
+    skipped = [json.loads(x) for x in (tmp_path / "transient/metrics.jsonl").read_text().splitlines()
+               if '"skipped_step"' in x]
+    assert len(skipped) == 2 and skipped[0]["non_finite"] == ["bbox"]
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "transient/latest.pth").values()
+               if v.is_floating_point())
+
+    cfg["model"]["head"]["losses"]["bbox"]["nan_calls"] = [-1]
+    trainer = Trainer(cfg, tmp_path / "always", device="cpu")
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive training steps had a non-finite loss \(terms: bbox\)"):
+        trainer.train()
+    assert not (tmp_path / "always/latest.pth").exists()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_ddp_two_gloo_processes(tmp_path):
+    work = tmp_path / "work"
+    proc = cli("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+               str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cpu",
+               "--set", *tiny_fcos(tmp_path / "data", images=16, epochs=1), cwd=tmp_path)
+    ckpt = load_checkpoint(work / "latest.pth")
+    assert ckpt["iter"] == 2  # 16 images / (2 processes x 4) per step
+    evals = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert len(evals) == 1  # rank 0 alone writes
+    assert "2 process(es)" in proc.stderr
+    assert "evaluation after epoch 1 on 4 images" in proc.stderr  # predictions gathered from both ranks
+
+
+def test_eval_only_needs_weights(tmp_path):
+    proc = cli(str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir", str(tmp_path / "w"),
+               "--eval-only", "--device", "cpu", "--set", *tiny_fcos(tmp_path / "data"), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--eval-only needs weights" in proc.stderr
+    shutil.rmtree(tmp_path / "w", ignore_errors=True)
