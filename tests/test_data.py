@@ -13,8 +13,15 @@ import torch
 from torchvision import tv_tensors
 
 from detkit.config import load_config
-from detkit.data import (CocoDataset, DatasetError, ShapesDataset, build_dataloader, build_dataset,
-                         build_transforms, collate_detection)
+from detkit.data import (
+    CocoDataset,
+    DatasetError,
+    ShapesDataset,
+    build_dataloader,
+    build_dataset,
+    build_transforms,
+    collate_detection,
+)
 from detkit.registry import UnknownTypeError
 from tests.conftest import BCCD, write_coco
 

@@ -10,14 +10,17 @@ since detkit computes every loss in fp32 and returns fp32.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import (box_iou, complete_box_iou_loss, distance_box_iou_loss,
-                             generalized_box_iou_loss, sigmoid_focal_loss)
+from torchvision.ops import (
+    box_iou,
+    complete_box_iou_loss,
+    distance_box_iou_loss,
+    generalized_box_iou_loss,
+    sigmoid_focal_loss,
+)
 
 from detkit.losses import LOSSES, build_loss
 

@@ -6,7 +6,13 @@ import sys
 import pytest
 
 from detkit.losses import LOSSES, build_loss
-from detkit.registry import REGISTRIES, ConfigError, Registry, UnknownTypeError, build_path
+from detkit.registry import (
+    REGISTRIES,
+    ConfigError,
+    Registry,
+    UnknownTypeError,
+    build_path,
+)
 
 
 def make_registry() -> Registry:
