@@ -304,7 +304,7 @@ class Trainer:
 
     def _term_grad_norms(self, losses: dict[str, Tensor]) -> dict[str, float]:
         """Gradient norm of each weighted term w.r.t. the neck outputs (the features all terms share)."""
-        feats = self.model.last_features
+        feats = getattr(self.model, "last_features", None)  # absent on models without a shared neck
         self.model.keep_features = False
         if not feats:
             return {}

@@ -11,6 +11,7 @@ from detkit.models.centernet import CenterNet, CenterNetHead
 from detkit.models.detector import Detector
 from detkit.models.fcos import FCOS, FCOSHead
 from detkit.models.necks import FPN, CenterNetNeck
+from detkit.models.torchvision_fcos import TorchvisionFCOS
 from detkit.registry import DETECTORS
 
 
@@ -20,4 +21,4 @@ def build_detector(spec: Mapping[str, Any]) -> nn.Module:
 
 
 __all__ = ["build_detector", "Detector", "FCOS", "FCOSHead", "CenterNet", "CenterNetHead", "ResNet", "FPN",
-           "CenterNetNeck"]
+           "CenterNetNeck", "TorchvisionFCOS"]
