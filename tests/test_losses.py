@@ -1295,8 +1295,11 @@ def test_bad_arguments_raise():
         build_loss({"type": "SmoothL1Loss", "beta": -1.0})
     with pytest.raises(ValueError):
         build_loss({"type": "CrossEntropyLoss", "label_smoothing": 1.5})
-    with pytest.raises(ValueError, match="0..4"):
-        build_loss({"type": "FocalLoss"})(torch.randn(3, 4), torch.tensor([0, 5, 1]))
+    # out-of-range class indices read as background (no host-syncing range check in the hot path;
+    # the detector validates labels on the CPU before they reach the device)
+    logits = torch.randn(3, 4)
+    torch.testing.assert_close(build_loss({"type": "FocalLoss"})(logits, torch.tensor([0, 5, 1])),
+                               build_loss({"type": "FocalLoss"})(logits, torch.tensor([0, 4, 1])))
     with pytest.raises(ValueError):
         build_loss({"type": "FocalLoss"})(torch.randn(3, 4), torch.rand(3, 5))
     with pytest.raises(ValueError):

@@ -183,3 +183,11 @@ def test_default_configs_build():
         cfg = load_config(path)
         model = build_detector(copy.deepcopy(cfg["model"]))
         assert sum(p.numel() for p in model.parameters()) > 0, path
+
+
+def test_labels_beyond_num_classes_are_a_clear_error():
+    model = build_detector(tiny_fcos())
+    images, _ = batch()
+    bad = [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([3])}] * 2
+    with pytest.raises(ValueError, match=r"labels must lie in 0\.\.2 .*num_classes is 3.*got labels \[3\]"):
+        model.loss(images, bad)

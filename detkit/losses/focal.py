@@ -11,12 +11,14 @@ from detkit.registry import LOSSES
 
 
 def labels_to_one_hot(labels: Tensor, num_classes: int) -> Tensor:
-    """``(...,)`` int64 labels in ``0..C`` (``C`` = background) -> ``(..., C)`` float one-hot."""
-    if labels.numel() and (labels.min() < 0 or labels.max() > num_classes):
-        raise ValueError(f"class-index targets must lie in 0..{num_classes} ({num_classes} = background), "
-                         f"got values in {labels.min().item()}..{labels.max().item()}")
-    one_hot = F.one_hot(labels, num_classes + 1)[..., :num_classes]
-    return one_hot.float()
+    """``(...,)`` int64 labels -> ``(..., C)`` float one-hot; ``C`` (background) gives an all-zero row.
+
+    A comparison against ``arange(C)`` rather than ``F.one_hot``: no int64 ``(..., C + 1)``
+    temporary and no range check, which would be a host sync on every call on a GPU. Labels
+    outside ``0..C-1`` (``C``, or an ignore value such as -1) all read as background.
+    """
+    classes = torch.arange(num_classes, device=labels.device)
+    return (labels.unsqueeze(-1) == classes).float()
 
 
 def as_dense_target(pred: Tensor, target: Tensor) -> Tensor:
@@ -41,10 +43,10 @@ def sigmoid_focal(pred: Tensor, target: Tensor, gamma: float, alpha: float | Non
     """
     p = torch.sigmoid(pred)
     ce = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
-    p_t = p * target + (1 - p) * (1 - target)
-    loss = ce * (1 - p_t).pow(gamma)
+    one_minus_p_t = torch.addcmul(p + target, p, target, value=-2.0)  # 1 - p_t = p + t - 2pt
+    loss = ce * one_minus_p_t.pow(gamma)
     if alpha is not None and alpha >= 0:
-        loss = loss * (alpha * target + (1 - alpha) * (1 - target))
+        loss = loss * (target * (2 * alpha - 1) + (1 - alpha))  # alpha_t = alpha t + (1 - alpha)(1 - t)
     return loss
 
 

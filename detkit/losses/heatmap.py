@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -30,8 +31,9 @@ class GaussianFocalLoss(WeightedLoss):
         if pred.shape != target.shape:
             raise ValueError(f"GaussianFocalLoss: pred {tuple(pred.shape)} and target "
                              f"{tuple(target.shape)} must have the same shape")
-        p = pred.sigmoid()
-        pos = target.eq(1).to(pred.dtype)
-        pos_loss = -F.logsigmoid(pred) * (1 - p).pow(self.alpha) * pos
-        neg_loss = -F.logsigmoid(-pred) * p.pow(self.alpha) * (1 - target).pow(self.beta) * (1 - pos)
-        return pos_loss + neg_loss
+        log_p = F.logsigmoid(pred)
+        log_not_p = log_p - pred  # log(1 - sigmoid(x)) = logsigmoid(x) - x: one logsigmoid, not two
+        p = log_p.exp()
+        pos_loss = -log_p * (1 - p).pow(self.alpha)
+        neg_loss = -log_not_p * p.pow(self.alpha) * (1 - target).pow(self.beta)
+        return torch.where(target.eq(1), pos_loss, neg_loss)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from detkit.losses.reduce import WeightedLoss
@@ -25,20 +26,21 @@ class _CodeWeightedLoss(WeightedLoss):
         weights = None if code_weights is None else torch.as_tensor(code_weights, dtype=torch.float32)
         self.register_buffer("code_weights", weights, persistent=False)
 
-    def distance(self, diff: Tensor) -> Tensor:
+    def distance(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Elementwise loss of ``pred`` against ``target`` (one fused torch kernel)."""
         raise NotImplementedError
 
     def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
         _check_same_shape(pred, target, type(self).__name__)
-        # OpenPCDet zeroes NaN targets (unset codes) so they add nothing to the loss.
+        # OpenPCDet counts NaN targets (unset codes) as exact predictions: no loss, no gradient.
         target = torch.where(torch.isnan(target), pred.detach(), target)
-        diff = pred - target
         if self.code_weights is not None:
             if pred.shape[-1] != self.code_weights.numel():
                 raise ValueError(f"{type(self).__name__}: code_weights has {self.code_weights.numel()} "
                                  f"entries but the codes' last dim is {pred.shape[-1]}")
-            diff = diff * self.code_weights  # OpenPCDet scales the residual, before the distance
-        return self.distance(diff)
+            # OpenPCDet scales the residual before the distance: (p - t) w = p w - t w
+            pred, target = pred * self.code_weights, target * self.code_weights
+        return self.distance(pred, target)
 
 
 @LOSSES.register()
@@ -58,11 +60,10 @@ class SmoothL1Loss(_CodeWeightedLoss):
             raise ValueError(f"SmoothL1Loss: beta must be >= 0, got {beta}")
         self.beta = float(beta)
 
-    def distance(self, diff: Tensor) -> Tensor:
-        n = diff.abs()
-        if self.beta < 1e-5:
-            return n
-        return torch.where(n < self.beta, 0.5 * n * n / self.beta, n - 0.5 * self.beta)
+    def distance(self, pred: Tensor, target: Tensor) -> Tensor:
+        if self.beta < 1e-5:  # OpenPCDet's rule: a tiny beta is plain L1
+            return F.l1_loss(pred, target, reduction="none")
+        return F.smooth_l1_loss(pred, target, reduction="none", beta=self.beta)
 
 
 @LOSSES.register()
@@ -73,5 +74,5 @@ class L1Loss(_CodeWeightedLoss):
                  loss_weight: float = 1.0) -> None:
         super().__init__(code_weights, reduction, loss_weight)
 
-    def distance(self, diff: Tensor) -> Tensor:
-        return diff.abs()
+    def distance(self, pred: Tensor, target: Tensor) -> Tensor:
+        return F.l1_loss(pred, target, reduction="none")

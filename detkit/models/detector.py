@@ -14,11 +14,13 @@ PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-def pad_targets(targets: Sequence[Mapping[str, Tensor]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def pad_targets(targets: Sequence[Mapping[str, Tensor]], device: torch.device,
+                num_classes: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-image GT lists -> ``boxes (B, G, 4)``, ``labels (B, G)`` int64, ``mask (B, G)`` bool.
 
     ``G`` is the largest box count of the batch (at least 1); padding rows have ``mask`` False.
-    One host-to-device copy per tensor instead of one per image.
+    One host-to-device copy per tensor instead of one per image. Labels are checked against
+    ``num_classes`` here, on the CPU, so that the losses need no host-syncing check on device.
     """
     counts = [len(t["labels"]) for t in targets]
     g = max(max(counts, default=0), 1)
@@ -29,6 +31,12 @@ def pad_targets(targets: Sequence[Mapping[str, Tensor]], device: torch.device) -
         boxes[i, :n] = t["boxes"].detach().float().cpu()
         labels[i, :n] = t["labels"].cpu()
         mask[i, :n] = True
+    if num_classes is not None and mask.any():
+        bad = labels[mask]
+        if bad.min() < 0 or bad.max() >= num_classes:
+            raise ValueError(f"target labels must lie in 0..{num_classes - 1} (the head's num_classes is "
+                             f"{num_classes}), got labels {sorted(set(bad.tolist()))}: does the dataset have "
+                             f"more classes than model.head.num_classes?")
     return (boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True),
             mask.to(device, non_blocking=True))
 
@@ -74,7 +82,7 @@ class Detector(nn.Module):
         outputs = self.head(feats)
         if targets is None:
             return outputs
-        boxes, labels, mask = pad_targets(targets, self.pixel_mean.device)
+        boxes, labels, mask = pad_targets(targets, self.pixel_mean.device, self.head.num_classes)
         return self.head.loss(outputs, boxes, labels, mask)
 
     @staticmethod
