@@ -58,7 +58,7 @@ def center_distance_ratio(pred: Tensor, target: Tensor, eps: float) -> Tensor:
 class _BoxLoss(WeightedLoss):
     """Shared checks for losses on paired boxes ``pred, target (..., 4)`` -> loss ``(...,)``."""
 
-    def __init__(self, eps: float, reduction: str, loss_weight: float) -> None:
+    def __init__(self, eps: float = 1e-7, reduction: str = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
         self.eps = float(eps)
 
@@ -106,9 +106,6 @@ class IoULoss(_BoxLoss):
 class GIoULoss(_BoxLoss):
     """Generalized IoU loss ``1 - IoU + (C - U) / C`` (C: enclosing area). Shapes as IoULoss."""
 
-    def __init__(self, eps: float = 1e-7, reduction: str = "mean", loss_weight: float = 1.0) -> None:
-        super().__init__(eps, reduction, loss_weight)
-
     def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         iou, union = paired_iou(pred, target, self.eps)
         cw, ch = enclosing_box(pred, target)
@@ -119,9 +116,6 @@ class GIoULoss(_BoxLoss):
 @LOSSES.register()
 class DIoULoss(_BoxLoss):
     """Distance IoU loss ``1 - IoU + d^2 / c^2`` (centre distance over enclosing diagonal)."""
-
-    def __init__(self, eps: float = 1e-7, reduction: str = "mean", loss_weight: float = 1.0) -> None:
-        super().__init__(eps, reduction, loss_weight)
 
     def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         iou, _ = paired_iou(pred, target, self.eps)
@@ -134,9 +128,6 @@ class CIoULoss(_BoxLoss):
 
     ``alpha = v / (1 - IoU + v)`` is treated as a constant (no gradient), as in the paper.
     """
-
-    def __init__(self, eps: float = 1e-7, reduction: str = "mean", loss_weight: float = 1.0) -> None:
-        super().__init__(eps, reduction, loss_weight)
 
     def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         iou, _ = paired_iou(pred, target, self.eps)
