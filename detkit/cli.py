@@ -81,10 +81,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, work_dir = _load(args)
     resume = None if args.resume is None else (args.resume or "auto")
+    if args.eval_only and resume is None:
+        raise ConfigError("--eval-only needs weights: give --resume CKPT (or --resume for the work dir's latest)")
     trainer = Trainer(cfg, work_dir, device=args.device, resume=resume, build_train=not args.eval_only)
     if args.eval_only:
-        if resume is None:
-            raise ConfigError("--eval-only needs weights: give --resume CKPT (or --resume for the work dir's latest)")
         trainer.evaluate()
     else:
         trainer.train()
@@ -95,6 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from detkit.engine import evaluate_checkpoint
 
     cfg, work_dir = _load(args)
+    if not args.work_dir:  # next to the training run's files, never over them
+        work_dir = work_dir / f"eval_{Path(args.checkpoint).stem}"
     evaluate_checkpoint(cfg, args.checkpoint, work_dir, device=args.device)
     return 0
 

@@ -245,3 +245,37 @@ def test_eval_only_needs_weights(tmp_path):
                "--eval-only", "--device", "cpu", "--set", *tiny_fcos(tmp_path / "data"), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "--eval-only needs weights" in proc.stderr
     shutil.rmtree(tmp_path / "w", ignore_errors=True)
+
+
+def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path):
+    short = load_config(FCOS_CFG, tiny_fcos(tmp_path / "data", epochs=1) + ["train.eval_interval=10"])
+    Trainer(short, tmp_path / "w", device="cpu").train()
+    longer = load_config(FCOS_CFG, tiny_fcos(tmp_path / "data", epochs=3) + ["train.eval_interval=10"])
+    resumed = Trainer(longer, tmp_path / "w", device="cpu", resume="auto")
+    factor = resumed.scheduler.lr_lambdas[0]
+    assert factor.total == 6 and resumed.iter == 2
+    lr = resumed.optimizer.param_groups[0]["lr"]
+    assert lr == pytest.approx(resumed.scheduler.base_lrs[0] * factor(2)) and lr > 0
+    resumed.train()
+    assert load_checkpoint(tmp_path / "w/latest.pth")["epoch"] == 3
+
+
+@pytest.mark.parametrize("value, ok", [(None, True), (0.999, True), ({"decay": 0.99}, True), (True, False),
+                                       (1.0, False), ({"decay": 0}, False)])
+def test_ema_setting_is_validated(value, ok):
+    from detkit.engine.trainer import train_settings
+    from detkit.registry import ConfigError
+
+    if ok:
+        train_settings({"train": {"ema": value}})
+    else:
+        with pytest.raises(ConfigError, match="train.ema must be null, a decay in"):
+            train_settings({"train": {"ema": value}})
+
+
+def test_bad_intervals_fail_before_training():
+    from detkit.engine.trainer import train_settings
+    from detkit.registry import ConfigError
+
+    with pytest.raises(ConfigError, match="train.eval_interval must be a positive integer, got 0"):
+        train_settings({"train": {"eval_interval": 0}})

@@ -15,6 +15,7 @@ from detkit.data.collate import collate_detection
 from detkit.data.transforms import build_transforms
 from detkit.engine.checkpoint import load_checkpoint
 from detkit.engine.evaluator import coco_results, to_original_coords
+from detkit.engine.trainer import evaluation_weights
 from detkit.models import build_detector
 from detkit.visualize import draw_detections, save_grid
 
@@ -49,10 +50,7 @@ def infer_images(cfg: dict[str, Any], checkpoint: str, images: Sequence[str], ou
     dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     state = load_checkpoint(checkpoint)
     model = build_detector(cfg["model"])
-    weights = state["model"]
-    if state.get("ema"):
-        weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
-    model.load_state_dict(weights)
+    model.load_state_dict(evaluation_weights(state))
     model.to(dev).eval()
     classes = state.get("classes") or [str(i) for i in range(model.num_classes)]
     cat_ids = state.get("cat_ids") or list(range(model.num_classes))

@@ -73,7 +73,21 @@ def train_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     settings = {**TRAIN_DEFAULTS, **given}
     if settings["amp"] not in AMP_MODES:
         raise ConfigError(f"train.amp must be one of null, bf16, fp16; got {settings['amp']!r}")
+    for key in ("epochs", "log_interval", "eval_interval", "checkpoint_interval", "nan_patience"):
+        if not isinstance(settings[key], int) or settings[key] < 1:
+            raise ConfigError(f"train.{key} must be a positive integer, got {settings[key]!r}")
+    settings["ema_decay"] = ema_decay(settings["ema"])
     return settings
+
+
+def ema_decay(ema: Any) -> float | None:
+    """``train.ema``: null, a decay in (0, 1), or ``{decay: d}`` -> the decay (None: no EMA)."""
+    if ema is None or ema is False:
+        return None
+    decay = ema.get("decay") if isinstance(ema, Mapping) else ema
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < float(decay) < 1.0:
+        raise ConfigError(f"train.ema must be null, a decay in (0, 1) or {{decay: 0.9998}}; got {ema!r}")
+    return float(decay)
 
 
 def init_distributed(device_arg: str) -> tuple[torch.device, int]:
@@ -152,7 +166,7 @@ class Trainer:
         if self.settings["amp"] == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.amp: fp16 needs CUDA (GradScaler); use bf16 on CPU")
         seed_everything(int(self.settings["seed"]) + self.rank)
-        if self.is_main:
+        if self.is_main and build_train:  # evaluation runs must not overwrite a training run's config
             dump_config(cfg, self.work_dir / "config.yaml")
         self.model = build_detector(cfg["model"]).to(self.device)
         if self.settings["sync_bn"] and is_distributed():
@@ -182,9 +196,9 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.get("scheduler"), self.optimizer,
                                          int(s["epochs"]) * self.iters_per_epoch, self.iters_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=s["amp"] == "fp16")
-        if s["ema"]:
-            decay = float(s["ema"]["decay"] if isinstance(s["ema"], Mapping) else s["ema"])
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        if s["ema_decay"] is not None:
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(s["ema_decay"]),
+                                     use_buffers=True)
         self.train_model: nn.Module = self.model
         if is_distributed():
             self.train_model = DistributedDataParallel(
@@ -205,21 +219,39 @@ class Trainer:
         logger.info("resumed from %s (epoch %d, iteration %d)", path, self.epoch, self.iter)
 
     def load_state(self, state: Mapping[str, Any], path: Path | str) -> None:
+        """Resume from ``state`` (training), or load its evaluation weights (EMA when saved) for eval only."""
+        weights = state["model"] if self.train_loader is not None else evaluation_weights(state)
         try:
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(weights)
         except RuntimeError as err:
             raise CheckpointError(f"{path}: weights do not fit this config's model: {err}") from None
         self.epoch, self.iter = int(state.get("epoch", 0)), int(state.get("iter", 0))
         self.best_ap = float(state.get("best_ap", -1.0))
-        if self.train_loader is not None:
-            for key, target in (("optimizer", self.optimizer), ("scheduler", self.scheduler),
-                                ("scaler", self.scaler)):
-                if state.get(key) is not None:
-                    target.load_state_dict(state[key])
+        if self.train_loader is None:
+            return
+        self.optimizer.load_state_dict(state["optimizer"])
+        # Keep the position in the schedule but the schedule of *this* config: the saved lambdas
+        # would bring back the old total length (resuming with more epochs would train at LR 0).
+        scheduler = dict(state["scheduler"])
+        scheduler["lr_lambdas"] = [None] * len(self.scheduler.lr_lambdas)
+        self.scheduler.load_state_dict(scheduler)
+        self._set_lr_for_iter()
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-        if state.get("rng") is not None and self.train_loader is not None:
-            set_rng_state(state["rng"])
+        if state.get("rng") is not None:
+            if self.rank == 0:
+                set_rng_state(state["rng"])
+            else:  # only rank 0's state is saved: give the other ranks their own stream
+                seed_everything(int(self.settings["seed"]) + 7919 * self.rank + self.epoch)
+
+    def _set_lr_for_iter(self) -> None:
+        """Set every group's LR to the schedule's value at ``self.iter`` (after a resume)."""
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                       self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.iter)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -259,7 +291,8 @@ class Trainer:
         s = self.settings
         loader = self.train_loader
         loader.sampler.set_epoch(self.epoch)
-        loader.generator.manual_seed(int(s["seed"]) * 1_000_003 + self.epoch)  # worker seeds follow the epoch
+        # worker seeds follow (seed, epoch, rank): identical after a resume, distinct across ranks
+        loader.generator.manual_seed((int(s["seed"]) * 1_000_003 + self.epoch) * 1024 + self.rank)
         self.model.train()
         bad_steps, start, running = 0, time.time(), {}
         bar = progress(loader, len(loader), f"epoch {self.epoch + 1}/{s['epochs']}", self.is_main)
@@ -424,19 +457,21 @@ class Trainer:
         barrier()
 
 
+def evaluation_weights(state: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The weights training evaluated: the EMA model's when the checkpoint has one, else ``model``."""
+    ema = state.get("ema")
+    if not ema:
+        return state["model"]
+    return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
+
+
 def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, work_dir: str | os.PathLike,
                         device: str | None = None) -> dict[str, Any]:
-    """Load ``checkpoint`` into the config's model and evaluate it on ``data.val``."""
+    """Load ``checkpoint``'s evaluation weights into the config's model and evaluate on ``data.val``."""
     trainer = Trainer(cfg, work_dir, device=device, build_train=False)
-    state = load_checkpoint(checkpoint)
-    trainer.load_state(state, checkpoint)
-    if state.get("ema") is not None:  # evaluate what training evaluated: the EMA weights
-        ema = AveragedModel(trainer.model, use_buffers=True)
-        ema.load_state_dict(state["ema"])
-        trainer.ema = ema
     if trainer.val_loader is None:
         raise ConfigError("data.val: no validation dataset in the config")
+    trainer.load_state(load_checkpoint(checkpoint), checkpoint)
     metrics = trainer.evaluate()
     trainer.run_log.close()
     return metrics
-
