@@ -155,6 +155,11 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] | None = None)
         The resolved config as plain dicts/lists/scalars, without ``_base_``.
     """
     cfg = _load(Path(path), ())
+    for key in cfg:
+        if key not in SECTIONS:
+            close = did_you_mean(key, SECTIONS)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{path}: unknown top-level section '{key}'.{hint} Known sections: {', '.join(SECTIONS)}")
     for item in overrides or ():
         apply_override(cfg, item)
     return cfg

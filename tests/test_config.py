@@ -135,3 +135,9 @@ def test_imports_section_registers_user_components(tmp_path, monkeypatch):
         LOSSES._entries.pop("SquaredLoss", None)
     with pytest.raises(ConfigError, match="imports: cannot import 'no_such_module_xyz'"):
         import_modules({"imports": ["no_such_module_xyz"]})
+
+
+def test_unknown_top_level_section_in_a_file_is_an_error(tmp_path):
+    path = write(tmp_path / "c.yaml", "optimzer: {type: SGD, lr: 0.5}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown top-level section 'optimzer'\. Did you mean 'optimizer'"):
+        load_config(path)

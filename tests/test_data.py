@@ -257,3 +257,35 @@ def test_bccd_loads_through_yaml():
             assert (boxes[:, 3] <= info["height"]).all()
     image, target = val[0]
     assert image.shape == (3, 480, 640) and len(target["boxes"]) > 0
+
+
+def test_unknown_data_setting_is_an_error(tmp_path):
+    from detkit.registry import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.batchsize: unknown data setting\. Did you mean 'batch_size'"):
+        build_dataloader({"batchsize": 2, "train": {"type": "ShapesDataset", "num_images": 4, "root": str(tmp_path)}},
+                         "train")
+
+
+@pytest.mark.parametrize("bbox, match", [([1, 2, None, 4], "annotation id 1 has bbox"),
+                                         ([1, 2, float("nan"), 4], "annotation id 1 has bbox"),
+                                         ([1, 2, 3], "annotation id 1 has bbox")])
+def test_malformed_bbox_names_the_annotation(tmp_path, bbox, match):
+    images = [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}]
+    path = write_coco(tmp_path, images, [{"id": 1, "image_id": 1, "category_id": 3, "bbox": bbox}])
+    with pytest.raises(DatasetError, match=match):
+        CocoDataset(str(path), str(tmp_path / "images"))
+
+
+def test_image_size_must_match_the_json(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}]
+    path = write_coco(tmp_path, images, [])
+    data = json.loads(path.read_text())
+    data["images"][0]["width"] = 9
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"a\.png is 8x8 but .* says 9x8"):
+        CocoDataset(str(path), str(tmp_path / "images"))[0]
+    del data["images"][0]["width"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match="image id 1 .* needs positive 'width' and 'height'"):
+        CocoDataset(str(path), str(tmp_path / "images"))

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -94,6 +95,10 @@ class CocoDataset(Dataset):
     def _read_targets(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per image id: clipped non-crowd boxes ``(n, 4)`` xyxy and labels ``(n,)``."""
         label_of = {c: i for i, c in enumerate(self.cat_ids)}
+        for image_id, info in self.coco.imgs.items():
+            if not all(isinstance(info.get(k), (int, float)) and info.get(k) > 0 for k in ("width", "height")):
+                raise DatasetError(f"{self.ann_file}: image id {image_id} ({info.get('file_name')!r}) needs "
+                                   f"positive 'width' and 'height', got {info.get('width')!r} x {info.get('height')!r}")
         rows: dict[int, list[list[float]]] = {i: [] for i in self.coco.imgs}
         labels: dict[int, list[int]] = {i: [] for i in self.coco.imgs}
         clipped = dropped = 0
@@ -108,9 +113,10 @@ class CocoDataset(Dataset):
             if ann.get("iscrowd", 0):
                 continue
             bbox = ann.get("bbox")
-            if not isinstance(bbox, list) or len(bbox) != 4:
+            if (not isinstance(bbox, list) or len(bbox) != 4
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
                 raise DatasetError(f"{self.ann_file}: annotation id {ann_id} has bbox {bbox!r}; "
-                                   f"expected [x, y, width, height]")
+                                   f"expected [x, y, width, height] of finite numbers")
             img = self.coco.imgs[ann["image_id"]]
             x, y, w, h = (float(v) for v in bbox)
             x1, y1 = min(max(x, 0.0), img["width"]), min(max(y, 0.0), img["height"])
@@ -149,6 +155,10 @@ class CocoDataset(Dataset):
         image_id = self.ids[index]
         image = decode_rgb(self.image_path(index))
         h, w = image.shape[-2:]
+        info = self.coco.imgs[image_id]
+        if (info["height"], info["width"]) != (h, w):
+            raise DatasetError(f"{self.image_path(index)} is {w}x{h} but {self.ann_file} says "
+                               f"{info['width']}x{info['height']} (image id {image_id})")
         boxes, labels = self._targets[image_id]
         target = {
             "boxes": tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=(h, w)),

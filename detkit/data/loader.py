@@ -9,7 +9,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from detkit.data.collate import collate_detection
-from detkit.registry import DATASETS, ConfigError
+from detkit.registry import DATASETS, ConfigError, did_you_mean
+
+DATA_KEYS = ("train", "val", "batch_size", "val_batch_size", "num_workers", "pin_memory", "persistent_workers",
+             "drop_last", "size_divisor")
 
 
 def build_dataset(spec: Mapping[str, Any], key: str | None = None) -> Dataset:
@@ -29,6 +32,11 @@ def build_dataloader(data_cfg: Mapping[str, Any], split: str, seed: int = 0, ran
     ``pin_memory`` (null: when CUDA is available), ``persistent_workers``, ``drop_last``,
     ``size_divisor`` and, for evaluation, ``val_batch_size``.
     """
+    for key in data_cfg:
+        if key not in DATA_KEYS:
+            close = did_you_mean(key, DATA_KEYS)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"data.{key}: unknown data setting.{hint} Known: {', '.join(DATA_KEYS)}")
     if split not in data_cfg:
         raise ConfigError(f"data.{split}: no dataset spec for split '{split}'; "
                           f"data has keys {sorted(data_cfg)}")
