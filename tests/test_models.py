@@ -191,3 +191,10 @@ def test_labels_beyond_num_classes_are_a_clear_error():
     bad = [{"boxes": torch.tensor([[1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([3])}] * 2
     with pytest.raises(ValueError, match=r"labels must lie in 0\.\.2 .*num_classes is 3.*got labels \[3\]"):
         model.loss(images, bad)
+
+
+def test_fcos_default_ranges_are_open_ended_for_fewer_levels():
+    model = build_detector({**tiny_fcos(), "neck": {"type": "FPN", "out_channels": 32, "extra_levels": 0},
+                            "head": {"type": "FCOSHead", "num_classes": 3, "feat_channels": 32, "num_convs": 1,
+                                     "strides": [8, 16, 32], "assigner": {"type": "FCOSAssigner"}}})
+    assert model.head.assigner.regress_ranges[-1].tolist() == [128.0, 1e8]

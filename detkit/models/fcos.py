@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from detkit.assigners.fcos import DEFAULT_RANGES, fcos_points
+from detkit.assigners.fcos import DEFAULT_RANGES, INF, fcos_points
 from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
 from detkit.models.detector import Detector
@@ -42,6 +42,13 @@ def conv_tower(in_channels: int, channels: int, num_convs: int, norm: str | None
             layers.append(nn.GroupNorm(min(32, channels), channels))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
+
+
+def default_ranges(num_levels: int) -> list[tuple[float, float]]:
+    """FCOS's regress ranges for the first ``num_levels`` levels; the last is open-ended."""
+    ranges = [tuple(r) for r in DEFAULT_RANGES[:num_levels]]
+    ranges[-1] = (ranges[-1][0], INF)
+    return ranges
 
 
 def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
@@ -88,7 +95,9 @@ class FCOSHead(nn.Module):
         self.ctr_out = nn.Conv2d(feat_channels, 1, 3, padding=1)
         self.scales = nn.ModuleList([Scale(1.0) for _ in self.strides])
         self._init_weights(prior_prob)
-        spec = dict(assigner or {"type": "FCOSAssigner", "regress_ranges": DEFAULT_RANGES[: len(self.strides)]})
+        spec = dict(assigner or {"type": "FCOSAssigner"})
+        if spec.get("type") == "FCOSAssigner" and "regress_ranges" not in spec:
+            spec["regress_ranges"] = default_ranges(len(self.strides))
         self.assigner = ASSIGNERS.build(spec, "assigner", strides=self.strides)
         self.losses = LossTerms(losses if losses is not None else FCOS_LOSSES, ("cls", "bbox", "centerness"))
         self.score_thr, self.nms_pre, self.nms_iou, self.max_per_img = score_thr, nms_pre, nms_iou, max_per_img
@@ -148,10 +157,11 @@ class FCOSHead(nn.Module):
         all_scores, all_boxes, all_labels = [], [], []
         for cls, reg, ctr, stride in zip(cls_scores, bbox_preds, centernesses, self.strides):
             h, w = cls.shape[-2:]
-            scores = (cls.sigmoid() * ctr.sigmoid()).sqrt().permute(0, 2, 3, 1).reshape(batch, -1)  # (B, HW*C)
+            # fp32 scores even under autocast: bf16 keeps 3 digits, too coarse to rank for COCO AP
+            scores = (cls.float().sigmoid() * ctr.float().sigmoid()).sqrt().permute(0, 2, 3, 1).reshape(batch, -1)
             scores, index = scores.topk(min(self.nms_pre, scores.shape[1]), dim=1)
             point, label = index // self.num_classes, index % self.num_classes
-            ltrb = reg.permute(0, 2, 3, 1).reshape(batch, -1, 4).gather(1, point.unsqueeze(-1).expand(-1, -1, 4))
+            ltrb = reg.float().permute(0, 2, 3, 1).reshape(batch, -1, 4).gather(1, point.unsqueeze(-1).expand(-1, -1, 4))
             ltrb = ltrb * stride if self.norm_on_bbox else ltrb
             cx = ((point % w).float() + 0.5) * stride
             cy = (torch.div(point, w, rounding_mode="floor").float() + 0.5) * stride
