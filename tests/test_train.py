@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -125,9 +126,10 @@ def test_bad_override_fails_with_a_clear_message(tmp_path):
     assert proc.returncode == 2 and "unknown key 'train.epocs'. Did you mean 'epochs'" in proc.stderr
 
 
-def test_exact_resume_after_a_clean_stop_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("ema", [None, 0.99])
+def test_exact_resume_after_a_clean_stop_is_bit_identical(tmp_path, ema):
     torch.set_num_threads(1)
-    cfg = load_config(FCOS_CFG, tiny_fcos(tmp_path / "data"))
+    cfg = load_config(FCOS_CFG, tiny_fcos(tmp_path / "data") + [f"train.ema={ema or 'null'}"])
     straight = Trainer(cfg, tmp_path / "straight", device="cpu")
     straight.train()
     first = Trainer(cfg, tmp_path / "split", device="cpu")
@@ -140,6 +142,9 @@ def test_exact_resume_after_a_clean_stop_is_bit_identical(tmp_path):
     assert resumed.epoch == 1
     resumed.train()
     assert_same_weights(tmp_path / "straight/latest.pth", tmp_path / "split/latest.pth")
+    if ema:
+        a, b = (torch.load(tmp_path / f"{w}/latest.pth", weights_only=False)["ema"] for w in ("straight", "split"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
@@ -261,7 +266,8 @@ def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path):
 
 
 @pytest.mark.parametrize("value, ok", [(None, True), (0.999, True), ({"decay": 0.99}, True), (True, False),
-                                       (1.0, False), ({"decay": 0}, False)])
+                                       ({"decay": 0.99, "warmup_iters": 10}, True), (1.0, False),
+                                       ({"decay": 0}, False), ({"decay": 0.9, "warmup": 5}, False)])
 def test_ema_setting_is_validated(value, ok):
     from detkit.engine.trainer import train_settings
     from detkit.registry import ConfigError
@@ -279,3 +285,16 @@ def test_bad_intervals_fail_before_training():
 
     with pytest.raises(ConfigError, match="train.eval_interval must be a positive integer, got 0"):
         train_settings({"train": {"eval_interval": 0}})
+
+
+def test_ema_warmup_ramps_the_decay():
+    from detkit.engine.trainer import WarmupEMA
+
+    ema = WarmupEMA(0.9998, warmup_iters=100)
+    avg, cur = [torch.zeros(3)], [torch.ones(3)]
+    ema.iter = 1  # decay 0.9998 * (1 - e^-0.01) ~ 0.01: the average moves almost all the way
+    ema(avg, cur, torch.tensor(1))
+    assert avg[0][0].item() == pytest.approx(1 - 0.9998 * (1 - math.exp(-0.01)), rel=1e-5)
+    counters = [torch.tensor([3])]
+    ema(counters, [torch.tensor([7])], torch.tensor(2))
+    assert counters[0].item() == 7

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from detkit.config import dump_config
 from detkit.data import build_dataloader
@@ -80,14 +80,38 @@ def train_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def ema_decay(ema: Any) -> float | None:
-    """``train.ema``: null, a decay in (0, 1), or ``{decay: d}`` -> the decay (None: no EMA)."""
+def ema_decay(ema: Any) -> tuple[float, int] | None:
+    """``train.ema``: null, a decay in (0, 1), or ``{decay: d, warmup_iters: n}`` -> (decay, warmup)."""
     if ema is None or ema is False:
         return None
-    decay = ema.get("decay") if isinstance(ema, Mapping) else ema
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < float(decay) < 1.0:
-        raise ConfigError(f"train.ema must be null, a decay in (0, 1) or {{decay: 0.9998}}; got {ema!r}")
-    return float(decay)
+    spec = dict(ema) if isinstance(ema, Mapping) else {"decay": ema}
+    decay, warmup = spec.pop("decay", None), spec.pop("warmup_iters", 2000)
+    if (spec or isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 < float(decay) < 1.0
+            or not isinstance(warmup, int) or warmup < 1):
+        raise ConfigError(f"train.ema must be null, a decay in (0, 1) or {{decay: 0.9998, warmup_iters: 2000}}; "
+                          f"got {ema!r}")
+    return float(decay), warmup
+
+
+class WarmupEMA:
+    """``AveragedModel`` update with decay ``d (1 - exp(-iter / warmup))`` (YOLOX / mmdetection).
+
+    A plain decay of 0.9998 keeps ~0.9998^iter of the random initial weights, so on a short
+    schedule the averaged model evaluates near 0 AP; the warm-up ramps the decay up instead.
+    ``iter`` is set by the trainer before each update, which keeps resume exact.
+    """
+
+    def __init__(self, decay: float, warmup_iters: int) -> None:
+        self.decay, self.warmup, self.iter = decay, warmup_iters, 0
+
+    @torch.no_grad()
+    def __call__(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        decay = self.decay * (1 - math.exp(-self.iter / self.warmup))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1 - decay)
+        else:  # integer buffers (BatchNorm's step counter) follow the model
+            for a, c in zip(averaged, current):
+                a.copy_(c)
 
 
 def init_distributed(device_arg: str) -> tuple[torch.device, int]:
@@ -197,8 +221,8 @@ class Trainer:
                                          int(s["epochs"]) * self.iters_per_epoch, self.iters_per_epoch)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=s["amp"] == "fp16")
         if s["ema_decay"] is not None:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(s["ema_decay"]),
-                                     use_buffers=True)
+            self.ema_update = WarmupEMA(*s["ema_decay"])
+            self.ema = AveragedModel(self.model, multi_avg_fn=self.ema_update, use_buffers=True)
         self.train_model: nn.Module = self.model
         if is_distributed():
             self.train_model = DistributedDataParallel(
@@ -321,6 +345,7 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             if self.ema is not None:
+                self.ema_update.iter = self.iter + 1
                 self.ema.update_parameters(self.model)
             bad_steps = 0
             self.iter += 1
