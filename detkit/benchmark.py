@@ -241,16 +241,11 @@ def bench_assigners(device: torch.device, sizes: Sequence[tuple[int, int]], batc
 
 
 def torchvision_fcos(depth: int, width: int, num_classes: int, size: int) -> nn.Module:
-    """torchvision's FCOS with the same backbone (trainable BN), FPN width, P6/P7 on P5, 4-conv GN head."""
-    from torchvision.models.detection import FCOS
-    from torchvision.models.detection.backbone_utils import BackboneWithFPN
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    """torchvision's own FCOS module (no detkit wrapper in the timed step), as ``TorchvisionFCOS`` builds it:
+    same backbone (trainable BN), FPN width, P6/P7 on P5 and 4-conv GroupNorm head."""
+    from detkit.models import TorchvisionFCOS
 
-    resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=nn.BatchNorm2d)
-    in_channels = [128, 256, 512] if depth < 50 else [512, 1024, 2048]
-    backbone = BackboneWithFPN(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"}, in_channels, width,
-                               extra_blocks=LastLevelP6P7(width, width))
-    return FCOS(backbone, num_classes, min_size=size, max_size=size)
+    return TorchvisionFCOS(num_classes, depth=depth, fpn_channels=width, min_size=size, max_size=size).model
 
 
 def detkit_fcos(depth: int, width: int, num_classes: int) -> nn.Module:

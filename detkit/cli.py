@@ -43,13 +43,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_browse(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace) -> dict:
+    """The resolved config of ``--config`` with ``--set`` applied and its ``imports`` imported."""
     from detkit.config import import_modules, load_config
-    from detkit.data import build_dataset
-    from detkit.visualize import draw_detections, save_grid
 
     cfg = load_config(args.config, args.set)
     import_modules(cfg)
+    return cfg
+
+
+def cmd_browse(args: argparse.Namespace) -> int:
+    from detkit.data import build_dataset
+    from detkit.visualize import draw_detections, save_grid
+
+    cfg = _config(args)
     dataset = build_dataset(cfg["data"][args.split], f"data.{args.split}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,10 +74,8 @@ def cmd_browse(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> tuple[dict, Path]:
-    from detkit.config import import_modules, load_config
-
-    cfg = load_config(args.config, args.set)
-    import_modules(cfg)
+    """``_config`` plus the work dir (``--work-dir``, ``work_dir`` of the config, or work_dirs/<name>)."""
+    cfg = _config(args)
     work_dir = Path(args.work_dir or cfg.get("work_dir") or Path("work_dirs") / Path(args.config).stem)
     cfg["work_dir"] = str(work_dir)
     return cfg, work_dir

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from detkit.registry import ConfigError, did_you_mean
+from detkit.registry import ConfigError, suggestion
 
 BASE_KEY = "_base_"
 
@@ -134,8 +134,7 @@ def apply_override(cfg: dict, item: str) -> None:
             may_create = (last and "type" in node) or (depth == 0 and key in SECTIONS)
             if not may_create:
                 known = list(node) if depth else sorted(set(node) | set(SECTIONS))
-                close = did_you_mean(key, known)
-                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                hint = suggestion(key, known)
                 raise ConfigError(f"override '{item}': unknown key '{here}'.{hint} "
                                   f"Known keys there: {', '.join(map(str, known))}")
             if not last:
@@ -157,8 +156,7 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] | None = None)
     cfg = _load(Path(path), ())
     for key in cfg:
         if key not in SECTIONS:
-            close = did_you_mean(key, SECTIONS)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = suggestion(key, SECTIONS)
             raise ConfigError(f"{path}: unknown top-level section '{key}'.{hint} Known sections: {', '.join(SECTIONS)}")
     for item in overrides or ():
         apply_override(cfg, item)

@@ -36,6 +36,12 @@ def did_you_mean(name: str, candidates: Any, n: int = 3) -> list[str]:
     return [lower[m] for m in matches]
 
 
+def suggestion(name: str, candidates: Any) -> str:
+    """`` Did you mean 'a', 'b'?`` for the closest ``candidates``, or ``""`` when none is close."""
+    close = did_you_mean(name, candidates)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
 def _join(path: str, key: str | None) -> str:
     if not key:
         return path
@@ -119,8 +125,7 @@ class Registry:
         if key in self._entries:
             return self._entries[key]
         path = _BUILD_PATH.get()
-        close = did_you_mean(key, self._entries)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        hint = suggestion(key, self._entries)
         known = ", ".join(sorted(self._entries)) or "(none registered)"
         raise UnknownTypeError(
             f"{_where(path)}unknown {self.name} type '{key}'.{hint} Known {self.name}: {known}")
@@ -154,8 +159,7 @@ def check_arguments(obj: Callable, type_name: str, kwargs: Mapping[str, Any], pa
     if not accepts_any:
         for arg in kwargs:
             if arg not in names:
-                close = did_you_mean(arg, names)
-                hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+                hint = suggestion(arg, names)
                 raise ConfigError(f"{_where(path)}{type_name} got an unknown argument '{arg}'.{hint} "
                                   f"{type_name} accepts: {accepted}")
     for p in params:

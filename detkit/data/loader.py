@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from detkit.data.collate import collate_detection
-from detkit.registry import DATASETS, ConfigError, did_you_mean
+from detkit.registry import DATASETS, ConfigError, suggestion
 
 DATA_KEYS = ("train", "val", "batch_size", "val_batch_size", "num_workers", "pin_memory", "persistent_workers",
              "drop_last", "size_divisor")
@@ -34,8 +34,7 @@ def build_dataloader(data_cfg: Mapping[str, Any], split: str, seed: int = 0, ran
     """
     for key in data_cfg:
         if key not in DATA_KEYS:
-            close = did_you_mean(key, DATA_KEYS)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = suggestion(key, DATA_KEYS)
             raise ConfigError(f"data.{key}: unknown data setting.{hint} Known: {', '.join(DATA_KEYS)}")
     if split not in data_cfg:
         raise ConfigError(f"data.{split}: no dataset spec for split '{split}'; "

@@ -18,13 +18,17 @@ logger = logging.getLogger("detkit")
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def to_original_coords(boxes: Tensor, scale_factor: Tensor, orig_size: Sequence[int]) -> Tensor:
-    """Boxes ``(n, 4)`` in transformed-image pixels -> original pixels (divide by ``(sx, sy)``, clip)."""
+def to_original_coords(det: dict[str, Tensor], scale_factor: Tensor, orig_size: Sequence[int]) -> dict[str, Tensor]:
+    """One image's detections in transformed-image pixels -> CPU float copies in original pixels.
+
+    Boxes ``(n, 4)`` are divided by ``(sx, sy)`` and clipped to ``orig_size`` ``(h, w)``.
+    """
     sx, sy = float(scale_factor[0]), float(scale_factor[1])
-    out = boxes.float().cpu() / torch.tensor([sx, sy, sx, sy])
+    out = det["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
     h, w = int(orig_size[0]), int(orig_size[1])
-    return torch.stack([out[:, 0].clamp(0, w), out[:, 1].clamp(0, h), out[:, 2].clamp(0, w),
-                        out[:, 3].clamp(0, h)], dim=1)
+    boxes = torch.stack([out[:, 0].clamp(0, w), out[:, 1].clamp(0, h), out[:, 2].clamp(0, w),
+                         out[:, 3].clamp(0, h)], dim=1)
+    return {"boxes": boxes, "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
 
 
 def coco_results(predictions: Sequence[dict[str, Tensor]], image_ids: Sequence[int], cat_ids: Sequence[int]

@@ -71,10 +71,9 @@ def infer_images(cfg: dict[str, Any], checkpoint: str, images: Sequence[str], ou
         batch = collate_detection(items, int(cfg["data"].get("size_divisor", 32)))
         dets = model.predict(batch["images"].to(dev), batch["image_sizes"])
         for i, (det, (path, image)) in enumerate(zip(dets, originals)):
-            boxes = to_original_coords(det["boxes"], batch["scale_factors"][i], batch["orig_sizes"][i])
-            pred = {"boxes": boxes, "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
+            pred = to_original_coords(det, batch["scale_factors"][i], batch["orig_sizes"][i])
             keep = pred["scores"] >= score_thr
-            save_grid([draw_detections(image, boxes[keep], pred["labels"][keep], classes, pred["scores"][keep])],
+            save_grid([draw_detections(image, pred["boxes"][keep], pred["labels"][keep], classes, pred["scores"][keep])],
                       out / f"{path.stem}.png", nrow=1)
             results += coco_results([pred], [batch["image_ids"][i]], cat_ids)
     (out / "results.json").write_text(json.dumps([r for r in results if r["score"] >= score_thr]))

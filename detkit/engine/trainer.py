@@ -43,7 +43,7 @@ from detkit.engine.evaluator import (
 from detkit.engine.optim import build_optimizer, build_scheduler
 from detkit.engine.run_log import RunLog, progress, setup_logging
 from detkit.models import build_detector
-from detkit.registry import ConfigError
+from detkit.registry import ConfigError, suggestion
 
 logger = logging.getLogger("detkit")
 
@@ -62,13 +62,10 @@ class NonFiniteLossError(RuntimeError):
 
 def train_settings(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``cfg['train']`` over the defaults; unknown keys are an error with a did-you-mean."""
-    from detkit.registry import did_you_mean
-
     given = dict(cfg.get("train") or {})
     for key in given:
         if key not in TRAIN_DEFAULTS:
-            close = did_you_mean(key, TRAIN_DEFAULTS)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = suggestion(key, TRAIN_DEFAULTS)
             raise ConfigError(f"train.{key}: unknown setting.{hint} Known: {', '.join(TRAIN_DEFAULTS)}")
     settings = {**TRAIN_DEFAULTS, **given}
     if settings["amp"] not in AMP_MODES:
@@ -424,8 +421,7 @@ class Trainer:
             with autocast(self.device, self.settings["amp"]):
                 out = model.predict(batch["images"].to(self.device, non_blocking=True), batch["image_sizes"])
             for i, det in enumerate(out):
-                boxes = to_original_coords(det["boxes"], batch["scale_factors"][i], batch["orig_sizes"][i])
-                preds.append({"boxes": boxes, "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()})
+                preds.append(to_original_coords(det, batch["scale_factors"][i], batch["orig_sizes"][i]))
                 ids.append(batch["image_ids"][i])
                 if len(pictures) < int(self.settings["vis_images"]):
                     pictures.append((batch["images"][i, :, : batch["image_sizes"][i][0], : batch["image_sizes"][i][1]],

@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from detkit.registry import LOSSES, ConfigError, did_you_mean
+from detkit.registry import LOSSES, ConfigError, suggestion
 
 
 class LossTerms(nn.Module):
@@ -22,8 +22,7 @@ class LossTerms(nn.Module):
             raise ConfigError(f"losses must map each of {list(required)} to a loss spec, got {specs!r}")
         for name in specs:
             if name not in required:
-                close = did_you_mean(name, required)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
+                hint = suggestion(name, required)
                 raise ConfigError(f"losses.{name}: unknown loss term.{hint} This head's terms: {list(required)}")
         missing = [n for n in required if n not in specs]
         if missing:
