@@ -10,7 +10,8 @@ from typing import Sequence
 
 from detkit.data.coco import DatasetError
 from detkit.engine.checkpoint import CheckpointError
-from detkit.engine.trainer import NonFiniteLossError
+from detkit.engine.hooks.nan_guard import NonFiniteLossError
+from detkit.engine.interrupt import TrainingInterrupted
 from detkit.registry import REGISTRIES, ConfigError, Registry, format_params
 
 
@@ -82,38 +83,92 @@ def _load(args: argparse.Namespace) -> tuple[dict, Path]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from detkit.engine import Trainer
+    from detkit.engine.runner import resume_command, run_training
 
     cfg, work_dir = _load(args)
+    if args.load_from:
+        cfg["load_from"] = args.load_from
     resume = None if args.resume is None else (args.resume or "auto")
-    if args.eval_only and resume is None:
-        raise ConfigError("--eval-only needs weights: give --resume CKPT (or --resume for the work dir's latest)")
-    trainer = Trainer(cfg, work_dir, device=args.device, resume=resume, build_train=not args.eval_only)
     if args.eval_only:
-        trainer.evaluate()
-    else:
-        trainer.train()
+        return _eval_only(cfg, work_dir, resume, args.device)
+    try:
+        run_training(cfg, work_dir, device=args.device, resume=resume, overwrite=args.overwrite)
+    except TrainingInterrupted as stop:
+        print(f"stopped by {stop.reason}; latest.pth saved in {work_dir}. Continue with:\n  {resume_command()}",
+              file=sys.stderr)
+        return stop.exit_code
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from detkit.engine import evaluate_checkpoint
+def _eval_only(cfg: dict, work_dir: Path, resume: str | None, device: str | None) -> int:
+    """``train --eval-only --resume [CKPT]``: evaluate those weights, into ``work_dir/eval_<name>/``."""
+    from detkit.engine.checkpoint import find_resume_checkpoint
+    from detkit.engine.runner import evaluate_checkpoint
 
-    cfg, work_dir = _load(args)
-    if not args.work_dir:  # next to the training run's files, never over them
-        work_dir = work_dir / f"eval_{Path(args.checkpoint).stem}"
+    if resume is None:
+        raise ConfigError("--eval-only needs weights: give --resume CKPT (or --resume for the work dir's latest)")
+    if resume == "auto":
+        found = find_resume_checkpoint(work_dir) if work_dir.is_dir() else None
+        if found is None:
+            raise ConfigError(f"--eval-only --resume: no readable checkpoint in {work_dir}; give --resume CKPT")
+        resume = str(found[0])
+    evaluate_checkpoint(cfg, resume, work_dir / f"eval_{Path(resume).stem}", device=device)
+    return 0
+
+
+def _checkpoint_config(args: argparse.Namespace) -> dict | None:
+    """``--config`` (imports imported: the user named it), else None: the checkpoint's own config is used,
+    whose ``imports`` are never imported (a checkpoint must not run code)."""
+    if args.config:
+        return _config(args)
+    if args.set:
+        from detkit.config import apply_override
+        from detkit.engine.checkpoint import load_checkpoint
+
+        cfg = dict(load_checkpoint(args.checkpoint).get("config") or {})
+        for item in args.set:
+            apply_override(cfg, item)
+        return cfg
+    return None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from detkit.engine.checkpoint import load_checkpoint
+    from detkit.engine.runner import evaluate_checkpoint
+
+    cfg = _checkpoint_config(args)
+    if cfg is None:
+        cfg = load_checkpoint(args.checkpoint).get("config") or {}
+        if "model" not in cfg:
+            raise ConfigError(f"{args.checkpoint}: the checkpoint stores no config; give --config")
+    # next to the checkpoint (or the training run's files), never over them
+    work_dir = Path(args.work_dir) if args.work_dir else Path(args.checkpoint).parent / f"eval_{Path(args.checkpoint).stem}"
     evaluate_checkpoint(cfg, args.checkpoint, work_dir, device=args.device)
     return 0
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    from detkit.api import load_detector
     from detkit.engine.inference import infer_images
     from detkit.engine.run_log import setup_logging
 
-    cfg, _ = _load(args)
     setup_logging(None, 0)
-    infer_images(cfg, args.checkpoint, args.images, args.out, args.score_thr, args.device or "auto")
+    if not 0.0 <= args.score_thr <= 1.0:
+        raise ConfigError(f"--score-thr must lie in [0, 1], got {args.score_thr}")
+    detector = load_detector(args.checkpoint, args.device or "auto", config=_checkpoint_config(args))
+    infer_images(detector, args.images, args.out, args.score_thr)
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from detkit.export import export_checkpoint
+
+    check = export_checkpoint(args.checkpoint, args.format, args.out, dynamo=not args.legacy_exporter)
+    print(f"wrote {args.out} ({check['mib']:.1f} MiB): uint8 images (B, 3, H, W) -> boxes (B, N, 4), scores (B, N), "
+          f"labels (B, N) (empty slots: score 0, label -1). Check against PyTorch on a 256x320 image: max box "
+          f"difference {check['box_diff']:.2g} px, max score difference {check['score_diff']:.2g}, "
+          f"labels {'equal' if check['same_labels'] else 'DIFFERENT'}")
+    return 0 if check["same_labels"] and check["box_diff"] < 0.5 else 1
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
@@ -121,8 +176,9 @@ def add_set_argument(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, e.g. --set train.epochs=3 model.head.losses.bbox.type=DIoULoss")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML config")
+def add_run_arguments(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+    parser.add_argument("--config", required=config_required,
+                        help="YAML config" if config_required else "YAML config (default: the one stored in the checkpoint)")
     parser.add_argument("--work-dir", default=None, help="output folder (default: work_dirs/<config name>)")
     parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                         help="default: train.device of the config (auto: GPU when available)")
@@ -148,18 +204,30 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                          help="resume from CKPT, or without a path from the work dir's newest readable checkpoint")
     p_train.add_argument("--eval-only", action="store_true", help="evaluate the --resume weights and exit")
+    p_train.add_argument("--overwrite", action="store_true",
+                         help="start a new run in a work dir that holds another run, deleting that run's files")
+    p_train.add_argument("--load-from", default=None, metavar="WEIGHTS",
+                         help="start a new run (epoch 0) from a detector's weights: a detkit checkpoint or "
+                              "torchvision:<Weights>.<NAME>, e.g. torchvision:FCOS_ResNet50_FPN_Weights.COCO_V1")
     p_train.set_defaults(func=cmd_train)
     p_eval = sub.add_parser("eval", help="COCO-evaluate a checkpoint on data.val (also: tools/eval.py)")
-    add_run_arguments(p_eval)
+    add_run_arguments(p_eval, config_required=False)
     p_eval.add_argument("--checkpoint", required=True)
     p_eval.set_defaults(func=cmd_eval)
     p_infer = sub.add_parser("infer", help="detect objects in image files (also: tools/infer.py)")
-    add_run_arguments(p_infer)
+    add_run_arguments(p_infer, config_required=False)
     p_infer.add_argument("--checkpoint", required=True)
-    p_infer.add_argument("--images", nargs="+", required=True, help="image files or folders")
+    p_infer.add_argument("--images", nargs="+", required=True, help="image files or folders (searched recursively)")
     p_infer.add_argument("--out", required=True, help="folder for the drawn PNGs and results.json")
     p_infer.add_argument("--score-thr", type=float, default=0.3)
     p_infer.set_defaults(func=cmd_infer)
+    p_export = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (also: tools/export.py)")
+    p_export.add_argument("--checkpoint", required=True)
+    p_export.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p_export.add_argument("--out", required=True, help="the file to write (.onnx or .pt)")
+    p_export.add_argument("--legacy-exporter", action="store_true",
+                          help="ONNX through torch.onnx's TorchScript-based exporter (faster to export; same graph)")
+    p_export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from detkit.registry import ConfigError, suggestion
+from detkit.registry import ConfigError, check_keys, suggestion
 
 BASE_KEY = "_base_"
 
@@ -40,7 +40,7 @@ def parse_yaml(text: str) -> object:
     """YAML text -> Python objects (safe loader, scientific-notation floats)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader derives from SafeLoader)
 #: Top-level sections an override may create even when the loaded file lacks them.
-SECTIONS = ("model", "data", "optimizer", "scheduler", "train", "work_dir", "imports")
+SECTIONS = ("model", "data", "optimizer", "scheduler", "train", "work_dir", "imports", "load_from")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -154,10 +154,7 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] | None = None)
         The resolved config as plain dicts/lists/scalars, without ``_base_``.
     """
     cfg = _load(Path(path), ())
-    for key in cfg:
-        if key not in SECTIONS:
-            hint = suggestion(key, SECTIONS)
-            raise ConfigError(f"{path}: unknown top-level section '{key}'.{hint} Known sections: {', '.join(SECTIONS)}")
+    check_keys(cfg, SECTIONS, str(path), "top-level section", sep=": ")
     for item in overrides or ():
         apply_override(cfg, item)
     return cfg

@@ -27,6 +27,16 @@ def reduce_mean(value: Tensor) -> Tensor:
     return value / get_world_size()
 
 
+def any_rank(flag: Tensor) -> bool:
+    """Whether the boolean scalar ``flag`` is true on any rank (one all-reduce under DDP)."""
+    value = flag.detach().float().reshape(1)
+    if is_distributed():
+        if dist.get_backend() == "nccl" and not value.is_cuda:
+            value = value.cuda()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -41,4 +51,4 @@ def all_gather_objects(obj: object) -> list:
     return out
 
 
-__all__ = ["is_distributed", "get_rank", "get_world_size", "reduce_mean", "barrier", "all_gather_objects"]
+__all__ = ["is_distributed", "get_rank", "get_world_size", "reduce_mean", "any_rank", "barrier", "all_gather_objects"]

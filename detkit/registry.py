@@ -42,6 +42,16 @@ def suggestion(name: str, candidates: Any) -> str:
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
+def check_keys(given: Any, known: Any, where: str, what: str = "key", sep: str = ".") -> None:
+    """The one unknown-key check: ``{where}{sep}{key}: unknown {what}. Did you mean ...? Known: ...``."""
+    known = list(known)
+    for key in given:
+        if key not in known:
+            prefix = f"{where}{sep}{key}" if where else str(key)
+            raise ConfigError(f"{prefix}: unknown {what}.{suggestion(str(key), known)} "
+                              f"Known: {', '.join(map(str, known))}")
+
+
 def _join(path: str, key: str | None) -> str:
     if not key:
         return path
@@ -178,8 +188,11 @@ DATASETS = Registry("datasets")
 TRANSFORMS = Registry("transforms")
 OPTIMIZERS = Registry("optimizers")
 SCHEDULERS = Registry("schedulers")
+HOOKS = Registry("hooks")
+WRITERS = Registry("writers")
+WEIGHT_SCHEDULES = Registry("weight_schedules")
 
 REGISTRIES: dict[str, Registry] = {
     r.name: r for r in (LOSSES, BACKBONES, NECKS, HEADS, DETECTORS, ASSIGNERS, DATASETS,
-                        TRANSFORMS, OPTIMIZERS, SCHEDULERS)
+                        TRANSFORMS, OPTIMIZERS, SCHEDULERS, HOOKS, WRITERS, WEIGHT_SCHEDULES)
 }

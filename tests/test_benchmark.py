@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_benchmark_prints_all_tables(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools/benchmark.py"), "--quick", "--device", "cpu",
                            "--out", str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True, check=True)

@@ -139,5 +139,5 @@ def test_imports_section_registers_user_components(tmp_path, monkeypatch):
 
 def test_unknown_top_level_section_in_a_file_is_an_error(tmp_path):
     path = write(tmp_path / "c.yaml", "optimzer: {type: SGD, lr: 0.5}\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: unknown top-level section 'optimzer'\. Did you mean 'optimizer'"):
+    with pytest.raises(ConfigError, match=r"c\.yaml: optimzer: unknown top-level section\. Did you mean 'optimizer'"):
         load_config(path)

@@ -11,6 +11,7 @@ import torch
 
 from detkit.config import load_config
 from detkit.models import build_detector
+from detkit.models.weights import weights_enum
 from detkit.registry import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +102,7 @@ def test_unknown_loss_term_and_bad_loss_spec_name_the_path():
                                          "centerness": {"type": "CrossEntropyLoss"}}))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [tiny_fcos(), tiny_centernet()])
 def test_overfits_a_fixed_batch(spec):
     torch.manual_seed(0)
@@ -181,6 +183,10 @@ def test_default_configs_build():
         if path.parent.name == "_base_":
             continue
         cfg = load_config(path)
+        backbone = cfg["model"].get("backbone", {})
+        if str(backbone.get("init_weights")).startswith("torchvision:"):  # named weights resolve; no download here
+            weights_enum(backbone["init_weights"][len("torchvision:"):], "init_weights")
+            backbone["init_weights"] = None
         model = build_detector(copy.deepcopy(cfg["model"]))
         assert sum(p.numel() for p in model.parameters()) > 0, path
 

@@ -18,11 +18,13 @@ import torch
 from detkit.config import load_config
 from detkit.engine import (
     CheckpointError,
+    Hook,
     NonFiniteLossError,
-    Trainer,
+    build_trainer,
     load_checkpoint,
     save_checkpoint,
 )
+from detkit.engine.settings import TrainSettings
 from detkit.losses import WeightedLoss
 from detkit.registry import LOSSES
 
@@ -53,7 +55,7 @@ def cli(*args: str, cwd: Path, check: bool = True, env: dict | None = None) -> s
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return load_checkpoint(path)["model"]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -63,6 +65,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), key
 
 
+@pytest.mark.slow
 def test_cli_train_eval_infer_end_to_end(tmp_path):
     work = tmp_path / "work"
     cli(str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cpu",
@@ -70,7 +73,7 @@ def test_cli_train_eval_infer_end_to_end(tmp_path):
         cwd=tmp_path)
     names = {p.name for p in work.iterdir()}
     assert {"config.yaml", "log.txt", "metrics.jsonl", "tb", "latest.pth", "best.pth", "epoch_2.pth",
-            "results"} <= names
+            "model_final.pth", "results"} <= names
     assert "epoch_1.pth" not in names  # keep_checkpoints=1
     assert any(p.name.startswith("events.out.tfevents") for p in (work / "tb").iterdir())
     assert load_config(work / "config.yaml")["train"]["epochs"] == 2  # resolved config, reloadable
@@ -84,9 +87,12 @@ def test_cli_train_eval_infer_end_to_end(tmp_path):
     for key in ("AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"):
         assert key in evals[-1]
     assert set(evals[-1]["per_class"]) == {"circle", "square", "triangle", "star"}
-    ckpt = torch.load(work / "latest.pth", map_location="cpu", weights_only=False)
-    assert {"model", "optimizer", "scheduler", "scaler", "ema", "epoch", "iter", "rng", "config"} <= set(ckpt)
-    assert (ckpt["epoch"], ckpt["iter"]) == (2, 4)
+    ckpt = load_checkpoint(work / "latest.pth")
+    assert {"model", "optimizer", "scaler", "hooks", "epoch", "iter", "inner", "rng", "config"} <= set(ckpt)
+    assert "ema" in ckpt["hooks"]["EMAHook"] and ckpt["hooks"]["EvalHook"]["best_epoch"] >= 1
+    assert (ckpt["epoch"], ckpt["iter"], ckpt["inner"]) == (2, 4, 0)
+    slim = load_checkpoint(work / "model_final.pth")
+    assert set(slim) == {"model", "config", "classes", "cat_ids", "epoch", "iter", "inference_only"}
     assert "bbox:" in (work / "log.txt").read_text()
 
     out = cli(str(ROOT / "tools/eval.py"), "--config", str(work / "config.yaml"), "--checkpoint",
@@ -126,27 +132,35 @@ def test_bad_override_fails_with_a_clear_message(tmp_path):
     assert proc.returncode == 2 and "unknown key 'train.epocs'. Did you mean 'epochs'" in proc.stderr
 
 
+class StopAfterFirstEpoch(Hook):
+    """Test-only: ends training cleanly after epoch 1 (the checkpoint hook saves it)."""
+
+    priority = 1
+
+    def after_epoch(self, trainer):
+        trainer.stop_reason = "test stop"
+
+
 @pytest.mark.parametrize("ema", [None, 0.99])
 def test_exact_resume_after_a_clean_stop_is_bit_identical(tmp_path, ema):
     torch.set_num_threads(1)
     cfg = load_config(FCOS_CFG, tiny_fcos(tmp_path / "data") + [f"train.ema={ema or 'null'}"])
-    straight = Trainer(cfg, tmp_path / "straight", device="cpu")
-    straight.train()
-    first = Trainer(cfg, tmp_path / "split", device="cpu")
-    first.train_epoch()
-    first.epoch += 1
-    first.save_epoch()
+    build_trainer(cfg, tmp_path / "straight", device="cpu").train()
+    first = build_trainer(cfg, tmp_path / "split", device="cpu")
+    first.hooks.insert(0, StopAfterFirstEpoch())
+    first.train()
     del first
     torch.manual_seed(1234)  # disturb the global RNG: resume must restore it
-    resumed = Trainer(cfg, tmp_path / "split", device="cpu", resume="auto")
-    assert resumed.epoch == 1
+    resumed = build_trainer(cfg, tmp_path / "split", device="cpu", resume="auto")
     resumed.train()
+    assert resumed.epoch == 2
     assert_same_weights(tmp_path / "straight/latest.pth", tmp_path / "split/latest.pth")
     if ema:
-        a, b = (torch.load(tmp_path / f"{w}/latest.pth", weights_only=False)["ema"] for w in ("straight", "split"))
+        a, b = (load_checkpoint(tmp_path / f"{w}/latest.pth")["hooks"]["EMAHook"]["ema"] for w in ("straight", "split"))
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_identical(tmp_path):
     args = [str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--device", "cpu", "--set",
             *tiny_fcos(tmp_path / "data", epochs=3), "train.eval_interval=10"]
@@ -174,7 +188,7 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="cannot write .*latest.pth: disk full"):
         save_checkpoint({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
     monkeypatch.undo()
     assert load_checkpoint(path)["epoch"] == 1
@@ -215,7 +229,7 @@ def test_nan_guard_skips_bad_steps_and_aborts_after_patience(tmp_path):
     cfg = load_config(FCOS_CFG, tiny_fcos(tmp_path / "data", images=16, epochs=1) + [
         "model.head.losses.bbox.type=FlakyLoss", "model.head.losses.bbox.nan_calls=[2, 3]", "train.nan_patience=3"])
     cfg["model"]["head"]["losses"]["bbox"].pop("loss_weight", None)
-    trainer = Trainer(cfg, tmp_path / "transient", device="cpu")
+    trainer = build_trainer(cfg, tmp_path / "transient", device="cpu")
     trainer.train()
     assert trainer.iter == 2  # 4 batches, 2 skipped
     skipped = [json.loads(x) for x in (tmp_path / "transient/metrics.jsonl").read_text().splitlines()
@@ -225,12 +239,13 @@ def test_nan_guard_skips_bad_steps_and_aborts_after_patience(tmp_path):
                if v.is_floating_point())
 
     cfg["model"]["head"]["losses"]["bbox"]["nan_calls"] = [-1]
-    trainer = Trainer(cfg, tmp_path / "always", device="cpu")
+    trainer = build_trainer(cfg, tmp_path / "always", device="cpu")
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive training steps had a non-finite loss \(terms: bbox\)"):
         trainer.train()
     assert not (tmp_path / "always/latest.pth").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 def test_ddp_two_gloo_processes(tmp_path):
     work = tmp_path / "work"
@@ -254,14 +269,23 @@ def test_eval_only_needs_weights(tmp_path):
 
 def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path):
     short = load_config(FCOS_CFG, tiny_fcos(tmp_path / "data", epochs=1) + ["train.eval_interval=10"])
-    Trainer(short, tmp_path / "w", device="cpu").train()
-    longer = load_config(FCOS_CFG, tiny_fcos(tmp_path / "data", epochs=3) + ["train.eval_interval=10"])
-    resumed = Trainer(longer, tmp_path / "w", device="cpu", resume="auto")
-    factor = resumed.scheduler.lr_lambdas[0]
-    assert factor.total == 6 and resumed.iter == 2
-    lr = resumed.optimizer.param_groups[0]["lr"]
-    assert lr == pytest.approx(resumed.scheduler.base_lrs[0] * factor(2)) and lr > 0
+    build_trainer(short, tmp_path / "w", device="cpu").train()
+    longer = load_config(FCOS_CFG, tiny_fcos(tmp_path / "data", epochs=3) + ["train.eval_interval=10",
+                                                                               "optimizer.lr=0.004"])
+    resumed = build_trainer(longer, tmp_path / "w", device="cpu", resume="auto")
+    seen = []
+
+    class RecordLR(Hook):
+        priority = 30  # after the LR hook
+
+        def before_step(self, trainer):
+            seen.append((trainer.iter, trainer.optimizer.param_groups[0]["lr"]))
+
+    resumed.hooks.append(RecordLR())
     resumed.train()
+    schedule = next(h for h in resumed.hooks if h.name == "LRScheduleHook").factor
+    assert schedule.total == 6 and seen[0][0] == 2
+    assert seen[0][1] == pytest.approx(0.004 * schedule(2)) and seen[0][1] > 0  # the new lr and length win
     assert load_checkpoint(tmp_path / "w/latest.pth")["epoch"] == 3
 
 
@@ -269,26 +293,24 @@ def test_resume_with_more_epochs_follows_the_new_schedule(tmp_path):
                                        ({"decay": 0.99, "warmup_iters": 10}, True), (1.0, False),
                                        ({"decay": 0}, False), ({"decay": 0.9, "warmup": 5}, False)])
 def test_ema_setting_is_validated(value, ok):
-    from detkit.engine.trainer import train_settings
     from detkit.registry import ConfigError
 
     if ok:
-        train_settings({"train": {"ema": value}})
+        TrainSettings.from_config({"train": {"ema": value}})
     else:
         with pytest.raises(ConfigError, match="train.ema must be null, a decay in"):
-            train_settings({"train": {"ema": value}})
+            TrainSettings.from_config({"train": {"ema": value}})
 
 
 def test_bad_intervals_fail_before_training():
-    from detkit.engine.trainer import train_settings
     from detkit.registry import ConfigError
 
     with pytest.raises(ConfigError, match="train.eval_interval must be a positive integer, got 0"):
-        train_settings({"train": {"eval_interval": 0}})
+        TrainSettings.from_config({"train": {"eval_interval": 0}})
 
 
 def test_ema_warmup_ramps_the_decay():
-    from detkit.engine.trainer import WarmupEMA
+    from detkit.engine.hooks import WarmupEMA
 
     ema = WarmupEMA(0.9998, warmup_iters=100)
     avg, cur = [torch.zeros(3)], [torch.ones(3)]
@@ -298,3 +320,51 @@ def test_ema_warmup_ramps_the_decay():
     counters = [torch.tensor([3])]
     ema(counters, [torch.tensor([7])], torch.tensor(2))
     assert counters[0].item() == 7
+
+
+def docs_hook_module(folder: Path) -> None:
+    """docs/engine.md's custom hook example, saved as ``my_hooks.py`` in ``folder``, exactly as written."""
+    text = (ROOT / "docs/engine.md").read_text()
+    (folder / "my_hooks.py").write_text(text.split("```python\n", 1)[1].split("```", 1)[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_cli_signal_then_resume_is_bit_identical_with_the_docs_hook(tmp_path, signum):
+    docs_hook_module(tmp_path)
+    args = [str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--device", "cpu", "--set",
+            *tiny_fcos(tmp_path / "data", epochs=2, images=16), "train.eval_interval=10", "imports=[my_hooks]",
+            "train.hooks=[{type: LossSpikeHook, factor: 1.0}]"]
+    cli(*args, "--work-dir", str(tmp_path / "straight"), cwd=tmp_path)
+    work = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, *args, "--work-dir", str(work)], cwd=tmp_path, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        metrics = work / "metrics.jsonl"
+        if metrics.is_file() and metrics.read_text().count('"type": "train"') >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err and "Continue with:" in err and "--resume" in err.splitlines()[-1]
+    stopped_at = load_checkpoint(work / "latest.pth")
+    assert 2 <= stopped_at["iter"] < 8 and stopped_at["epoch"] * 4 + stopped_at["inner"] == stopped_at["iter"]
+    cli(*args, "--work-dir", str(work), "--resume", cwd=tmp_path)
+    assert_same_weights(tmp_path / "straight/latest.pth", work / "latest.pth")
+    hooks = [load_checkpoint(w / "latest.pth")["hooks"]["LossSpikeHook"] for w in (tmp_path / "straight", work)]
+    assert hooks[0] == hooks[1] and hooks[0]["mean"] is not None
+    iters = [json.loads(x)["iter"] for x in (work / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert iters == list(range(1, 9))  # nothing replayed twice, nothing lost
+
+
+def test_resume_of_a_finished_run_says_so_and_exits_0(tmp_path):
+    args = [str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir", str(tmp_path / "w"), "--device",
+            "cpu", "--set", *tiny_fcos(tmp_path / "data", epochs=1, images=4), "train.eval_interval=10"]
+    cli(*args, cwd=tmp_path)
+    before = (tmp_path / "w/latest.pth").stat().st_mtime_ns
+    proc = cli(*args, "--resume", cwd=tmp_path)
+    assert "this run already finished (epoch 1 of train.epochs 1)" in proc.stderr
+    assert (tmp_path / "w/latest.pth").stat().st_mtime_ns == before

@@ -6,13 +6,35 @@ from functools import partial
 from typing import Any, Mapping
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from detkit.data.collate import collate_detection
-from detkit.registry import DATASETS, ConfigError, suggestion
+from detkit.data.sampler import EpochSampler, SeededDataset
+from detkit.registry import DATASETS, ConfigError, check_keys
 
-DATA_KEYS = ("train", "val", "batch_size", "val_batch_size", "num_workers", "pin_memory", "persistent_workers",
-             "drop_last", "size_divisor")
+#: ``data.*`` settings with their defaults (``train`` / ``val`` are dataset specs).
+DATA_DEFAULTS: dict[str, Any] = {"batch_size": 8, "val_batch_size": None, "num_workers": 2, "pin_memory": None,
+                                 "persistent_workers": False, "drop_last": False, "size_divisor": 32}
+DATA_KEYS = ("train", "val", *DATA_DEFAULTS)
+
+
+def data_settings(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` over :data:`DATA_DEFAULTS`, checked: unknown keys, and every number's type and range."""
+    if not isinstance(data_cfg, Mapping):
+        raise ConfigError(f"data must be a mapping with train/val dataset specs, got {data_cfg!r}")
+    check_keys(data_cfg, DATA_KEYS, "data", "data setting")
+    s = {**DATA_DEFAULTS, **{k: v for k, v in data_cfg.items() if k in DATA_DEFAULTS}}
+    s["val_batch_size"] = s["val_batch_size"] if s["val_batch_size"] is not None else s["batch_size"]
+    for key, minimum in (("batch_size", 1), ("val_batch_size", 1), ("num_workers", 0), ("size_divisor", 1)):
+        value = s[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"data.{key} must be an integer >= {minimum}, got {value!r}")
+    for key in ("persistent_workers", "drop_last"):
+        if not isinstance(s[key], bool):
+            raise ConfigError(f"data.{key} must be true or false, got {s[key]!r}")
+    if s["pin_memory"] is not None and not isinstance(s["pin_memory"], bool):
+        raise ConfigError(f"data.pin_memory must be null (when CUDA is available), true or false, got {s['pin_memory']!r}")
+    return s
 
 
 def build_dataset(spec: Mapping[str, Any], key: str | None = None) -> Dataset:
@@ -26,30 +48,21 @@ def build_dataloader(data_cfg: Mapping[str, Any], split: str, seed: int = 0, ran
                      world_size: int = 1, dataset: Dataset | None = None) -> DataLoader:
     """The loader of ``data_cfg[split]`` (``train`` shuffles, anything else keeps file order).
 
-    Sampling always goes through ``DistributedSampler`` (also for one process), so the order
-    depends only on ``(seed, epoch)``: call ``loader.sampler.set_epoch(epoch)`` every epoch and
-    a resumed run sees the same order. Keys used: ``batch_size`` (per process), ``num_workers``,
-    ``pin_memory`` (null: when CUDA is available), ``persistent_workers``, ``drop_last``,
-    ``size_divisor`` and, for evaluation, ``val_batch_size``.
+    Sampling goes through :class:`EpochSampler` (also for one process): the order and each
+    sample's random transforms depend only on ``(seed, epoch, position)``. Call
+    ``loader.sampler.set_epoch(epoch, start=k)`` every epoch; a resumed run sees the same data.
     """
-    for key in data_cfg:
-        if key not in DATA_KEYS:
-            hint = suggestion(key, DATA_KEYS)
-            raise ConfigError(f"data.{key}: unknown data setting.{hint} Known: {', '.join(DATA_KEYS)}")
+    s = data_settings(data_cfg)
     if split not in data_cfg:
-        raise ConfigError(f"data.{split}: no dataset spec for split '{split}'; "
-                          f"data has keys {sorted(data_cfg)}")
+        raise ConfigError(f"data.{split}: no dataset spec for split '{split}'; data has keys {sorted(data_cfg)}")
     train = split == "train"
     dataset = dataset if dataset is not None else build_dataset(data_cfg[split], f"data.{split}")
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed,
-                                 drop_last=train and world_size > 1)
-    batch_size = int(data_cfg.get("batch_size", 8) if train else
-                     data_cfg.get("val_batch_size", data_cfg.get("batch_size", 8)))
-    workers = int(data_cfg.get("num_workers", 2))
-    generator = torch.Generator().manual_seed(seed + rank)
+    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size,
+                           drop_last=train and world_size > 1)
+    workers = s["num_workers"]
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        collate_fn=partial(collate_detection, size_divisor=int(data_cfg.get("size_divisor", 32))),
-        pin_memory=torch.cuda.is_available() if data_cfg.get("pin_memory") is None else bool(data_cfg["pin_memory"]),
-        persistent_workers=bool(data_cfg.get("persistent_workers", False)) and workers > 0,
-        drop_last=train and bool(data_cfg.get("drop_last", False)), generator=generator)
+        SeededDataset(dataset), batch_size=s["batch_size"] if train else s["val_batch_size"], sampler=sampler,
+        num_workers=workers, collate_fn=partial(collate_detection, size_divisor=s["size_divisor"]),
+        pin_memory=torch.cuda.is_available() if s["pin_memory"] is None else s["pin_memory"],
+        persistent_workers=s["persistent_workers"] and workers > 0,
+        drop_last=train and s["drop_last"], generator=torch.Generator().manual_seed(seed + rank))

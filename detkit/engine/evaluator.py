@@ -6,12 +6,13 @@ import contextlib
 import copy
 import io
 import logging
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from pycocotools.cocoeval import COCOeval
-from torch import Tensor
+from torch import Tensor, nn
 
 logger = logging.getLogger("detkit")
 
@@ -78,3 +79,50 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     width = max((len(c) for c in metrics["per_class"]), default=5)
     rows = [f"  {name:<{width}}  AP {100 * ap:5.1f}" for name, ap in metrics["per_class"].items()]
     return "\n".join([f"bbox: {head}", *rows])
+
+
+@dataclass
+class Evaluation:
+    """What :func:`evaluate_model` returns: COCO ``metrics`` (every rank), and on rank 0 the COCO
+    ``results`` (original pixels) and up to ``vis_images`` ``(image uint8 (3, h, w), detections)`` pairs."""
+
+    metrics: dict[str, Any]
+    results: list[dict[str, Any]] = field(default_factory=list)
+    pictures: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
+    num_images: int = 0
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: str | None = None,
+                   vis_images: int = 0, desc: str = "eval") -> Evaluation:
+    """Predict every image of ``loader`` (sharded under DDP) and score all of them with COCOeval on rank 0."""
+    from detkit.distributed import all_gather_objects, get_rank, is_distributed
+    from detkit.engine.run_log import progress
+    from detkit.engine.trainer import autocast
+
+    dataset, was_training = loader.dataset, model.training
+    model.eval()
+    preds, ids, pictures = [], [], []
+    for batch in progress(loader, len(loader), desc, get_rank() == 0):
+        with autocast(device, amp):
+            out = model.predict(batch["images"].to(device, non_blocking=True), batch["image_sizes"])
+        for i, det in enumerate(out):
+            preds.append(to_original_coords(det, batch["scale_factors"][i], batch["orig_sizes"][i]))
+            ids.append(batch["image_ids"][i])
+            if len(pictures) < vis_images:
+                h, w = batch["image_sizes"][i].tolist()
+                pictures.append((batch["images"][i, :, :h, :w], {k: v.cpu() for k, v in det.items()}))
+    model.train(was_training)
+    gathered = all_gather_objects((coco_results(preds, ids, dataset.cat_ids), ids))
+    evaluation = Evaluation(metrics={}, pictures=pictures)
+    if get_rank() == 0:
+        seen: set[int] = set()
+        for part_results, part_ids in gathered:
+            fresh = set(part_ids) - seen  # the sampler repeats images to even out shards
+            evaluation.results += [r for r in part_results if r["image_id"] in fresh]
+            seen |= fresh
+        evaluation.num_images = len(seen)
+        evaluation.metrics = evaluate_coco(dataset.coco, evaluation.results, dataset.classes, sorted(seen))
+    if is_distributed():
+        evaluation.metrics = all_gather_objects(evaluation.metrics)[0]
+    return evaluation

@@ -1,4 +1,4 @@
-"""Optimizers (no weight decay on norm and bias parameters) and per-iteration LR schedules."""
+"""Optimizers (no weight decay on norm and bias parameters) and per-iteration LR factors (``LRScheduleHook``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
 from detkit.registry import OPTIMIZERS, SCHEDULERS, ConfigError
 
@@ -31,11 +30,28 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def check_optimizer_spec(spec: Any) -> dict[str, Any]:
+    """``optimizer`` checked before anything is built: a mapping, ``lr > 0``, ``weight_decay, momentum >= 0``."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"optimizer: expected a spec like {{type: SGD, lr: 0.01}}, got {spec!r}")
+    for key, strict in (("lr", True), ("weight_decay", False), ("momentum", False)):
+        value = spec.get(key, 1.0 if key == "lr" else 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (strict and value == 0):
+            raise ConfigError(f"optimizer.{key} must be a number {'>' if strict else '>='} 0, got {value!r}")
+    return dict(spec)
+
+
 def build_optimizer(spec: Mapping[str, Any], model: nn.Module) -> torch.optim.Optimizer:
-    """``optimizer: {type: SGD | AdamW | Adam, lr: ..., weight_decay: ..., ...}``."""
-    spec = dict(spec)
+    """``optimizer: {type: SGD | AdamW | Adam, lr: ..., weight_decay: ..., ...}`` (see :func:`check_optimizer_spec`);
+    torch's own refusals come back naming ``optimizer``."""
+    spec = check_optimizer_spec(spec)
     groups = param_groups(model, float(spec.get("weight_decay", 0.0)))
-    return OPTIMIZERS.build(spec, "optimizer", params=groups)
+    try:
+        return OPTIMIZERS.build(spec, "optimizer", params=groups)
+    except (ValueError, TypeError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"optimizer: {spec.get('type')} refused these settings: {err}") from None
 
 
 @SCHEDULERS.register()
@@ -68,14 +84,3 @@ class WarmupMultiStep:
         if it < self.warmup:
             factor *= self.warmup_ratio + (1 - self.warmup_ratio) * it / self.warmup
         return factor
-
-
-def build_scheduler(spec: Mapping[str, Any] | None, optimizer: torch.optim.Optimizer, total_iters: int,
-                    iters_per_epoch: int) -> LambdaLR:
-    """A per-iteration ``LambdaLR`` (call ``step()`` after every optimizer step)."""
-    if spec is None:
-        spec = {"type": "WarmupCosine", "warmup_iters": 0}
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"scheduler: expected a spec like {{type: WarmupCosine}}, got {spec!r}")
-    factor = SCHEDULERS.build(spec, "scheduler", total_iters=total_iters, iters_per_epoch=iters_per_epoch)
-    return LambdaLR(optimizer, factor)

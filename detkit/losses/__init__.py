@@ -12,6 +12,7 @@ from detkit.losses.heatmap import GaussianFocalLoss
 from detkit.losses.iou import CIoULoss, DIoULoss, GIoULoss, IoULoss
 from detkit.losses.reduce import WeightedLoss, weight_reduce_loss
 from detkit.losses.regression import L1Loss, SmoothL1Loss
+from detkit.losses.weights import CosineWeight, LinearWeight, WeightSchedule
 from detkit.registry import LOSSES
 
 
@@ -22,4 +23,4 @@ def build_loss(spec: Mapping[str, Any], key: str | None = None) -> nn.Module:
 
 __all__ = ["LOSSES", "build_loss", "WeightedLoss", "weight_reduce_loss", "FocalLoss",
            "CrossEntropyLoss", "SmoothL1Loss", "L1Loss", "IoULoss", "GIoULoss", "DIoULoss",
-           "CIoULoss", "GaussianFocalLoss"]
+           "CIoULoss", "GaussianFocalLoss", "WeightSchedule", "LinearWeight", "CosineWeight"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -57,10 +59,19 @@ class WeightedLoss(nn.Module):
     fp16/bf16 activations under autocast never underflow or overflow inside a loss.
     """
 
-    def __init__(self, reduction: str = "mean", loss_weight: float = 1.0) -> None:
+    def __init__(self, reduction: str = "mean", loss_weight: Any = 1.0) -> None:
         super().__init__()
+        from detkit.losses.weights import WeightSchedule, build_loss_weight
+
         self.reduction = _check_reduction(reduction, type(self).__name__)
-        self.loss_weight = float(loss_weight)
+        weight = build_loss_weight(loss_weight)
+        self.weight_schedule = weight if isinstance(weight, WeightSchedule) else None
+        self._loss_weight = float(weight) if self.weight_schedule is None else None
+
+    @property
+    def loss_weight(self) -> float:
+        """The weight now: a constant, or the schedule's value at the current step."""
+        return self._loss_weight if self.weight_schedule is None else float(self.weight_schedule)
 
     def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
         """Unreduced loss for float32 ``pred``; the shape a ``weight`` broadcasts against."""
@@ -81,4 +92,4 @@ class WeightedLoss(nn.Module):
         return self.loss_weight * weight_reduce_loss(loss, weight, reduction, avg_factor)
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, loss_weight={self.loss_weight}"
+        return f"reduction={self.reduction!r}, loss_weight={self.weight_schedule or self.loss_weight}"

@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from detkit.registry import LOSSES, ConfigError, suggestion
+from detkit.registry import LOSSES, ConfigError, check_keys
 
 
 class LossTerms(nn.Module):
@@ -20,10 +20,7 @@ class LossTerms(nn.Module):
         super().__init__()
         if not isinstance(specs, Mapping):
             raise ConfigError(f"losses must map each of {list(required)} to a loss spec, got {specs!r}")
-        for name in specs:
-            if name not in required:
-                hint = suggestion(name, required)
-                raise ConfigError(f"losses.{name}: unknown loss term.{hint} This head's terms: {list(required)}")
+        check_keys(specs, required, "losses", "loss term")
         missing = [n for n in required if n not in specs]
         if missing:
             raise ConfigError(f"losses: missing term(s) {missing}; this head needs {list(required)}")

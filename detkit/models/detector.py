@@ -58,14 +58,14 @@ class Detector(nn.Module):
         self.head = HEADS.build(head, "head", in_channels=self.neck.out_channels)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
-        # When set, forward keeps the neck outputs in ``last_features`` (the trainer's per-term
-        # gradient norms are taken w.r.t. these shared features).
-        self.keep_features = False
-        self.last_features: list[Tensor] | None = None
 
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
+
+    def loss_names(self) -> list[str]:
+        """The names of the loss terms ``loss()`` returns (one per loss spec of the head)."""
+        return [name for names in self.head.losses.names.values() for name in names]
 
     def normalize(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` 0..255 -> float normalised, on the model's device."""
@@ -77,9 +77,7 @@ class Detector(nn.Module):
 
     def forward(self, images: Tensor, targets: Sequence[Mapping[str, Tensor]] | None = None) -> Any:
         """Raw head outputs, or with ``targets`` the weighted loss terms (the DDP entry point)."""
-        feats = self.features(images)
-        self.last_features = feats if self.keep_features else None
-        outputs = self.head(feats)
+        outputs = self.head(self.features(images))
         if targets is None:
             return outputs
         boxes, labels, mask = pad_targets(targets, self.pixel_mean.device, self.head.num_classes)

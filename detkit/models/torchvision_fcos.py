@@ -63,6 +63,9 @@ class TorchvisionFCOS(nn.Module):
         return {"cls": losses["classification"], "bbox": losses["bbox_regression"],
                 "centerness": losses["bbox_ctrness"]}
 
+    def loss_names(self) -> list[str]:
+        return ["cls", "bbox", "centerness"]
+
     def loss(self, images: Tensor, targets: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
         return self(images, targets)
 

@@ -1,0 +1,70 @@
+"""Seeded, sharded, resumable sampling: the order and every sample's augmentation depend only on
+``(seed, epoch, position)``, so a run resumed mid-epoch, with any worker count, sees the same data."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+
+class EpochSampler(Sampler):
+    """``DistributedSampler``'s order (seeded permutation, padded to a multiple of ``world_size``,
+    rank-strided shards) yielding ``(index, sample_seed)`` pairs, and able to start at a position.
+
+    ``set_epoch(epoch, start=k)`` skips this rank's first ``k`` samples of the epoch (no loading).
+    ``sample_seed`` is unique per (seed, epoch, position in the epoch's global order).
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.rank, self.world = rank, world_size
+        self.drop_last = drop_last
+        self.per_rank = size // world_size if drop_last else math.ceil(size / world_size)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return max(self.per_rank - self.start, 0)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        total = self.per_rank * self.world
+        order = (order * math.ceil(total / max(len(order), 1)))[:total] if order else []
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        for position in range(self.rank + self.start * self.world, total, self.world):
+            yield order[position], (base + position) % (1 << 62)
+
+
+class SeededDataset(Dataset):
+    """Runs ``dataset[index]`` with torch's RNG seeded by the sampler's ``sample_seed`` (and restored
+    afterwards), so random transforms do not depend on the worker or on what was loaded before.
+    Other attributes (``classes``, ``coco``, ``cat_ids``...) are the wrapped dataset's."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Any) -> Any:
+        if not isinstance(item, tuple):
+            return self.dataset[item]
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not set yet (unpickling): avoid recursing
+            raise AttributeError(name)
+        return getattr(self.dataset, name)

@@ -1,0 +1,51 @@
+"""Training hooks: the built-in ones, and the list a config asks for (``train.hooks`` for your own)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from detkit.engine.hooks.balance import Uncertainty
+from detkit.engine.hooks.base import Hook
+from detkit.engine.hooks.checkpoint import CheckpointHook
+from detkit.engine.hooks.ema import EMAHook, WarmupEMA
+from detkit.engine.hooks.evaluation import EarlyStopHook, EvalHook
+from detkit.engine.hooks.grad_norm import TermGradNormHook
+from detkit.engine.hooks.logger import LoggerHook
+from detkit.engine.hooks.nan_guard import NaNGuardHook, NonFiniteLossError
+from detkit.engine.hooks.schedule import LossWeightScheduleHook, LRScheduleHook
+from detkit.engine.settings import TrainSettings
+from detkit.registry import HOOKS, ConfigError
+
+
+def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: nn.Module) -> list[Hook]:
+    """The built-in hooks the settings ask for, then ``train.hooks`` (user specs) and ``train.loss_balance``."""
+    hooks: list[Hook] = [NaNGuardHook(s.nan_patience), LRScheduleHook(cfg.get("scheduler")),
+                         TermGradNormHook(s.grad_norm_interval or s.log_interval),
+                         CheckpointHook(s.checkpoint_interval, s.checkpoint_interval_iters, s.keep_checkpoints),
+                         LoggerHook(s.log_interval)]
+    if any(getattr(m, "weight_schedule", None) is not None for m in model.modules()):
+        hooks.append(LossWeightScheduleHook())
+    if s.ema_decay is not None:
+        hooks.append(EMAHook(*s.ema_decay))
+    if val_loader is not None:
+        hooks.append(EvalHook(val_loader, s.eval_interval, s.best_metric, s.vis_images))
+    if s.early_stop is not None:
+        if val_loader is None:
+            raise ConfigError("train.early_stop needs evaluations: add a data.val dataset")
+        hooks.append(EarlyStopHook(**s.early_stop))
+    if s.loss_balance is not None:
+        hooks.append(HOOKS.build(s.loss_balance, "train.loss_balance"))
+    hooks += [HOOKS.build(spec, f"train.hooks.{i}") for i, spec in enumerate(s.hooks)]
+    names = [h.name for h in hooks]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ConfigError(f"train.hooks: {duplicated} given twice (or already built in); a hook's state is saved "
+                          f"under its name, so names must be unique")
+    return hooks
+
+
+__all__ = ["Hook", "HOOKS", "build_hooks", "NaNGuardHook", "NonFiniteLossError", "LRScheduleHook",
+           "LossWeightScheduleHook", "EMAHook", "WarmupEMA", "TermGradNormHook", "EvalHook", "EarlyStopHook",
+           "CheckpointHook", "LoggerHook", "Uncertainty"]

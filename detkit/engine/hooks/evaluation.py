@@ -1,0 +1,115 @@
+"""COCO evaluation every ``interval`` epochs, the best checkpoint by a chosen metric, early stopping."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import TYPE_CHECKING, Any
+
+from detkit.engine.checkpoint import inference_state, save_checkpoint
+from detkit.engine.evaluator import evaluate_model
+from detkit.engine.hooks.base import Hook
+from detkit.registry import HOOKS, ConfigError
+
+if TYPE_CHECKING:
+    from detkit.engine.trainer import Trainer
+
+logger = logging.getLogger("detkit")
+
+
+def better(value: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+@HOOKS.register()
+class EvalHook(Hook):
+    """Evaluates the (EMA) model on ``data.val`` after every ``interval`` epochs, the last one and an
+    early stop; writes an ``eval`` record, val pictures and ``results/bbox_epoch_N.json``, and
+    ``best.pth`` (inference weights only) when ``metric`` improves. ``trainer.summary`` gets the
+    last metrics and the best value and epoch."""
+
+    priority = 60
+
+    def __init__(self, loader: Any, interval: int = 1, metric: str = "AP", vis_images: int = 4) -> None:
+        self.loader, self.interval, self.metric, self.vis_images = loader, interval, metric, vis_images
+        self.best: float | None = None
+        self.best_epoch = 0
+
+    def after_epoch(self, trainer: "Trainer") -> None:
+        due = trainer.epoch % self.interval == 0 or trainer.epoch == trainer.max_epochs or trainer.stop_reason
+        if not due:
+            return
+        ev = evaluate_model(trainer.eval_model(), self.loader, trainer.device, trainer.amp, self.vis_images)
+        metrics = ev.metrics
+        if self.metric not in metrics:
+            raise ConfigError(f"train.best_metric: '{self.metric}' is not an evaluation metric; "
+                              f"choose one of {[k for k in metrics if k != 'per_class']}")
+        trainer.summary.update(last_eval={"epoch": trainer.epoch, **metrics})
+        if trainer.is_main:
+            trainer.writers.write("eval", trainer.iter, {"epoch": trainer.epoch, "iter": trainer.iter,
+                                                         "num_images": ev.num_images, **metrics})
+            results = trainer.work_dir / "results" / f"bbox_epoch_{trainer.epoch}.json"
+            results.parent.mkdir(parents=True, exist_ok=True)
+            results.write_text(json.dumps(ev.results))
+            self._pictures(trainer, ev.pictures)
+        if better(metrics[self.metric], self.best, "max"):
+            self.best, self.best_epoch = metrics[self.metric], trainer.epoch
+            if trainer.is_main:
+                save_checkpoint(inference_state(trainer), trainer.work_dir / "best.pth")
+        trainer.summary.update(best={"metric": self.metric, "value": self.best, "epoch": self.best_epoch,
+                                     "file": trainer.work_dir / "best.pth"})
+
+    def _pictures(self, trainer: "Trainer", pictures: list) -> None:
+        from detkit.visualize import draw_detections
+
+        classes = self.loader.dataset.classes
+        for k, (image, det) in enumerate(pictures):
+            keep = det["scores"] > 0.3
+            drawn = draw_detections(image, det["boxes"][keep], det["labels"][keep], classes, det["scores"][keep])
+            trainer.writers.image(f"val/predictions_{k}", drawn, trainer.epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch = state["best"], int(state["best_epoch"])
+
+
+@HOOKS.register()
+class EarlyStopHook(Hook):
+    """Stops training when ``metric`` of the evaluations has not improved by more than ``min_delta``
+    for ``patience`` evaluations in a row (``mode: max`` for AP, ``min`` for a loss-like metric).
+    The stop is logged with the best epoch; the run still evaluates, saves and writes its final files."""
+
+    priority = 65
+
+    def __init__(self, metric: str = "AP", patience: int = 5, min_delta: float = 0.0, mode: str = "max") -> None:
+        self.metric, self.patience, self.min_delta, self.mode = metric, patience, min_delta, mode
+        self.best: float | None = None
+        self.best_epoch = self.bad = 0
+
+    def after_epoch(self, trainer: "Trainer") -> None:
+        last = trainer.summary.get("last_eval")
+        if not last or last["epoch"] != trainer.epoch:
+            return
+        if self.metric not in last:
+            raise ConfigError(f"train.early_stop.metric: '{self.metric}' is not an evaluation metric; "
+                              f"choose one of {[k for k in last if k not in ('epoch', 'per_class')]}")
+        if better(last[self.metric], self.best, self.mode, self.min_delta):
+            self.best, self.best_epoch, self.bad = last[self.metric], trainer.epoch, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience and trainer.epoch < trainer.max_epochs:
+            trainer.stop_reason = (f"early stop after epoch {trainer.epoch}: {self.metric} has not improved by more "
+                                   f"than {self.min_delta} for {self.bad} evaluations (best {self.best:.4f} at "
+                                   f"epoch {self.best_epoch})")
+            logger.info("%s", trainer.stop_reason)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad": self.bad}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.bad = state["best"], int(state["best_epoch"]), int(state["bad"])

@@ -1,0 +1,202 @@
+"""From a resolved config to a running :class:`Trainer` (training) or an evaluation of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from detkit.config import dump_config
+from detkit.data import build_dataloader
+from detkit.data.loader import data_settings
+from detkit.distributed import get_rank, get_world_size, is_distributed
+from detkit.engine.checkpoint import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    remove_stale_temp_files,
+)
+from detkit.engine.evaluator import evaluate_model
+from detkit.engine.hooks import build_hooks
+from detkit.engine.load_from import load_pretrained
+from detkit.engine.optim import build_optimizer, check_optimizer_spec
+from detkit.engine.rng import seed_everything
+from detkit.engine.run_log import setup_logging
+from detkit.engine.settings import TrainSettings
+from detkit.engine.trainer import Trainer
+from detkit.engine.workdir import WorkDirLock, check_new_run, clear_previous_run
+from detkit.engine.writers import ConsoleWriter, JsonlWriter, WriterGroup, build_writers
+from detkit.models import build_detector
+from detkit.registry import ConfigError
+
+logger = logging.getLogger("detkit")
+
+
+def init_distributed(device_arg: str) -> tuple[torch.device, int]:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE > 1``; returns (device, local rank)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch.cuda.is_available() is False")
+    use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
+    if world > 1 and not is_distributed():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        if not use_cuda:  # share the cores between the local processes
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), local_rank
+    return torch.device("cpu"), local_rank
+
+
+def resume_state(resume: str | None, work_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """``None``, ``"auto"`` (the work dir's checkpoint with the most iterations) or a path -> (path, state)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        remove_stale_temp_files(work_dir)
+        found = find_resume_checkpoint(work_dir) if work_dir.is_dir() else None
+        if found is None:
+            logger.info("auto-resume: no checkpoint in %s, starting from scratch", work_dir)
+        return found
+    state = load_checkpoint(resume)
+    if state.get("inference_only"):
+        raise ConfigError(f"--resume {resume}: this checkpoint holds inference weights only (no optimizer or "
+                          f"counters); resume from latest.pth or epoch_N.pth, or start a new run from it with "
+                          f"--load-from {resume}")
+    return Path(resume), state
+
+
+def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None, resume: str | None = None,
+                  overwrite: bool = False) -> Trainer | None:
+    """Everything validated and built before anything is written; None when the resumed run is finished.
+
+    A new run refuses a work dir holding another run unless ``overwrite``; the work dir is locked
+    (``.lock``) for the run's lifetime (``trainer.lock.release()``), so a second run into it refuses.
+    """
+    settings = TrainSettings.from_config(cfg)
+    data_settings(cfg.get("data") or {})
+    optimizer_spec = check_optimizer_spec(cfg.get("optimizer") or {"type": "SGD", "lr": 0.01, "momentum": 0.9})
+    dev, local_rank = init_distributed(device or settings.device)
+    rank, world = get_rank(), get_world_size()
+    setup_logging(None, rank)
+    if settings.amp == "fp16" and dev.type != "cuda":
+        raise ConfigError("train.amp: fp16 needs CUDA (GradScaler); use bf16 on CPU")
+    found = resume_state(resume, work_dir)
+    if not found:
+        check_new_run(work_dir, overwrite)
+    if found and int(found[1].get("epoch", 0)) >= settings.epochs:
+        logger.info("%s: this run already finished (epoch %d of train.epochs %d); nothing to train. To train "
+                    "longer: --resume --set train.epochs=N", found[0], found[1]["epoch"], settings.epochs)
+        return None
+    seed_everything(settings.seed + rank)
+    model = build_detector(cfg["model"]).to(dev)
+    if settings.sync_bn and is_distributed():
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    loader = build_dataloader(cfg["data"], "train", seed=settings.seed, rank=rank, world_size=world)
+    if len(loader) == 0:
+        raise ConfigError(f"data.train: {len(loader.dataset)} images give no batch of {loader.batch_size} on "
+                          f"{world} process(es)")
+    val_loader = (build_dataloader(cfg["data"], "val", seed=settings.seed, rank=rank, world_size=world)
+                  if "val" in cfg["data"] else None)
+    optimizer = build_optimizer(optimizer_spec, model)
+    train_model: nn.Module = model
+    if is_distributed():
+        train_model = DistributedDataParallel(model, device_ids=[local_rank] if dev.type == "cuda" else None)
+    if settings.compile:
+        train_model.compile()
+    load_report = None
+    if found:
+        load_model_weights(model, found[1]["model"], found[0])  # a mismatch is named before anything is written
+        if cfg.get("load_from"):
+            logger.info("resuming: load_from %s is not used (the resumed checkpoint holds the weights)", cfg["load_from"])
+    elif cfg.get("load_from"):
+        load_report = load_pretrained(model, str(cfg["load_from"]))
+    hooks = build_hooks(cfg, settings, val_loader, model)
+    # validated and built: from here on the work dir is written
+    lock = WorkDirLock(work_dir).acquire() if rank == 0 else None
+    if rank == 0 and not found and overwrite:
+        clear_previous_run(work_dir)
+    setup_logging(work_dir, rank)
+    if rank == 0:
+        dump_config(cfg, work_dir / "config.yaml")
+        if load_report:
+            (work_dir / "load_from.txt").write_text(load_report + "\n")
+            logger.info("%s", load_report)
+    trainer = Trainer(model, optimizer, loader, hooks, work_dir=work_dir, device=dev, epochs=settings.epochs,
+                      train_model=train_model, accumulate=settings.accumulate, grad_clip=settings.grad_clip,
+                      amp=settings.amp, seed=settings.seed, cfg=cfg, state=found[1] if found else None)
+    trainer.lock = lock
+    trainer.writers = build_writers(settings.writers, work_dir, found[1]["iter"] if found else None, rank == 0)
+    if found:
+        logger.info("resuming from %s (epoch %d, iteration %d)", found[0], found[1]["epoch"], found[1]["iter"])
+    return trainer
+
+
+def resume_command() -> str:
+    """The command line that continues this run: the same arguments with ``--resume``."""
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    return shlex.join([Path(sys.executable).name, sys.argv[0], *args, "--resume"])
+
+
+def run_training(cfg: dict[str, Any], work_dir: Path, device: str | None = None, resume: str | None = None,
+                 overwrite: bool = False) -> None:
+    """Build, train, and print the run's summary (also after an early stop)."""
+    trainer = build_trainer(cfg, work_dir, device, resume, overwrite)
+    if trainer is None:
+        return
+    logger.info("training %s on %s: %d epochs x %d steps (accumulate %d), %d process(es), work_dir %s",
+                cfg["model"].get("type"), trainer.device, trainer.max_epochs, trainer.steps_per_epoch,
+                trainer.accumulate, trainer.world, work_dir)
+    try:
+        trainer.train()
+    finally:
+        trainer.writers.close()
+    s = trainer.summary
+    lines = [f"finished: {trainer.stop_reason or f'{trainer.epoch} epochs'}, {trainer.iter} optimizer steps in "
+             f"{s.get('wall_time', 0) / 60:.1f} min"]
+    if "best" in s:
+        b = s["best"]
+        lines.append(f"best {b['metric']} {b['value']:.4f} at epoch {b['epoch']} ({b['file']})")
+        last = s["last_eval"]
+        lines.append("final: " + " ".join(f"{k} {last[k]:.4f}" for k in ("AP", "AP50", "AP75") if k in last))
+    lines += [f"{name}: {path}" for name, path in s.get("files", {}).items()]
+    lines.append(f"config: {work_dir / 'config.yaml'}")
+    logger.info("\n  ".join(lines))
+
+
+def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, work_dir: Path, device: str | None = None
+                        ) -> dict[str, Any]:
+    """Load ``checkpoint``'s evaluation weights into the config's model and evaluate on ``data.val``.
+
+    Writes ``log.txt``, ``metrics.jsonl`` and ``results.json`` into ``work_dir``; no trainer involved.
+    """
+    from detkit.engine.checkpoint import evaluation_weights
+
+    settings = TrainSettings.from_config(cfg)
+    if "val" not in (cfg.get("data") or {}):
+        raise ConfigError("data.val: no validation dataset in the config")
+    dev, _ = init_distributed(device or settings.device)
+    setup_logging(None, get_rank())
+    state = load_checkpoint(checkpoint)
+    model = build_detector(cfg["model"])
+    load_model_weights(model, evaluation_weights(state), checkpoint)
+    loader = build_dataloader(cfg["data"], "val", seed=settings.seed, rank=get_rank(), world_size=get_world_size())
+    setup_logging(work_dir, get_rank())
+    ev = evaluate_model(model.to(dev), loader, dev, settings.amp)
+    if get_rank() == 0:
+        record = {"epoch": int(state.get("epoch", 0)), "iter": int(state.get("iter", 0)),
+                  "checkpoint": str(checkpoint), "num_images": ev.num_images, **ev.metrics}
+        WriterGroup([ConsoleWriter(), JsonlWriter(work_dir)]).write("eval", record["iter"], record)
+        (work_dir / "results.json").write_text(json.dumps(ev.results))
+    return ev.metrics

@@ -1,0 +1,110 @@
+"""Work-dir safety: one live run per folder, no silent mixing of runs, no leftovers of killed saves,
+nothing written before the config is validated, disk errors named with the previous file intact."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detkit.engine.checkpoint import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from detkit.engine.workdir import WorkDirLock
+from detkit.registry import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+FCOS_CFG = ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"
+
+
+def tiny(data: Path) -> list[str]:
+    return [f"data.train.root={data}", f"data.val.root={data}", "data.train.num_images=4", "data.val.num_images=2",
+            "data.train.image_size=64", "data.val.image_size=64", "data.batch_size=4", "data.num_workers=0",
+            "train.epochs=1", "train.eval_interval=10", "model.neck.out_channels=16", "model.head.feat_channels=16",
+            "model.head.num_convs=1"]
+
+
+def train(tmp_path: Path, work: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir",
+                           str(work), "--device", "cpu", "--set", *tiny(tmp_path / "data"), *extra],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_live_run_locks_its_work_dir_and_a_killed_one_does_not(tmp_path):
+    work = tmp_path / "w"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from detkit.engine.workdir import WorkDirLock; lock = WorkDirLock(Path(sys.argv[1])).acquire(); "
+                               "print('locked', flush=True); time.sleep(60)", str(work)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(ConfigError, match=rf"{work} is in use by a running detkit \(PID {holder.pid}\)"):
+        WorkDirLock(work).acquire()
+    proc = train(tmp_path, work)
+    assert proc.returncode == 2 and f"(PID {holder.pid})" in proc.stderr and "Traceback" not in proc.stderr
+    holder.kill()  # like kill -9: the kernel drops the lock with the process
+    holder.wait()
+    WorkDirLock(work).acquire().release()
+
+
+def test_a_new_run_never_mixes_with_an_old_one(tmp_path):
+    work = tmp_path / "w"
+    assert train(tmp_path, work).returncode == 0
+    before = snapshot(work)
+    proc = train(tmp_path, work)
+    assert proc.returncode == 2 and "already holds a run (best.pth, epoch_1.pth, latest.pth, model_final.pth)" in proc.stderr
+    assert "--resume" in proc.stderr and "--overwrite" in proc.stderr
+    assert snapshot(work) == before  # nothing touched, not even config.yaml or log.txt
+    proc = train(tmp_path, work, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert "--overwrite: removed" in proc.stderr and load_checkpoint(work / "latest.pth")["epoch"] == 1
+
+
+def test_a_bad_config_writes_nothing(tmp_path):
+    work = tmp_path / "w"
+    for bad, message in [("train.grad_clip=-1", "train.grad_clip must be null (no clipping) or a max norm > 0, got -1"),
+                         ("data.batch_size=0", "data.batch_size must be an integer >= 1, got 0"),
+                         ("optimizer.lr=abc", "optimizer.lr must be a number > 0, got 'abc'")]:
+        proc = train(tmp_path, work, bad)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not work.exists()
+
+
+def test_leftover_temp_files_are_removed_and_resume_takes_the_most_iterations(tmp_path):
+    work = tmp_path / "w"
+    save_checkpoint({"model": {}, "epoch": 2, "iter": 20}, work / "epoch_2.pth")
+    save_checkpoint({"model": {}, "epoch": 1, "iter": 10}, work / "latest.pth")  # e.g. copied back by hand
+    (work / ".latest.pth.abc123.tmp").write_bytes(b"half a checkpoint")  # a kill -9 during a save
+    from detkit.engine.runner import resume_state
+
+    path, state = resume_state("auto", work)
+    assert path.name == "epoch_2.pth" and state["iter"] == 20
+    assert not list(work.glob(".*.tmp"))
+    assert find_resume_checkpoint(work)[0].name == "epoch_2.pth"
+
+
+@pytest.mark.parametrize("code, meaning", [(errno.ENOSPC, "No space left on device"), (errno.EROFS, "Read-only")])
+def test_disk_errors_name_the_path_and_keep_the_previous_checkpoint(tmp_path, monkeypatch, code, meaning):
+    from detkit.engine.checkpoint import CheckpointError
+
+    path = tmp_path / "latest.pth"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "epoch": 1}, path)
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=rf"cannot write {path}: .*{meaning}"):
+        save_checkpoint({"model": {"w": torch.zeros(2)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
