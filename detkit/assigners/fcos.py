@@ -13,17 +13,30 @@ INF = 1e8
 DEFAULT_RANGES = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF))
 
 
-def fcos_points(sizes: Sequence[tuple[int, int]], strides: Sequence[int], device: torch.device
-                ) -> tuple[Tensor, Tensor, Tensor]:
-    """Centres of every feature-map cell of every level.
+def grid_steps(sizes: Sequence[tuple[int, int]], strides: Sequence[int], input_size: tuple[int, int] | None = None
+               ) -> list[tuple[int, int]]:
+    """Per level ``(step_y, step_x)`` between point centres: the stride, or with ``input_size``
+    ``(H // h_l, W // w_l)`` as torchvision's ``AnchorGenerator`` (not the stride on P6/P7 unless
+    the padded input is a multiple of 128)."""
+    if input_size is None:
+        return [(s, s) for s in strides]
+    return [(input_size[0] // h, input_size[1] // w) for h, w in sizes]
 
-    Returns ``points (P, 2)`` (x, y) in input pixels, ``stride (P,)`` and ``level (P,)`` int64,
-    levels concatenated finest first, each level row-major like ``(H_l, W_l)``.
+
+def fcos_points(sizes: Sequence[tuple[int, int]], strides: Sequence[int], device: torch.device,
+                offset: float = 0.5, input_size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Centres of every feature-map cell of every level: ``(index + offset) * step``.
+
+    ``offset`` 0.5 (cell centres, mmdetection) or 0 (torchvision); ``step`` is the stride, or see
+    ``grid_steps`` for ``input_size``. Returns ``points (P, 2)`` (x, y) in input pixels,
+    ``stride (P,)`` (always the nominal stride) and ``level (P,)`` int64, levels concatenated
+    finest first, each level row-major like ``(H_l, W_l)``.
     """
     pts, strd, lvl = [], [], []
-    for level, ((h, w), s) in enumerate(zip(sizes, strides)):
-        ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
-        xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
+    steps = grid_steps(sizes, strides, input_size)
+    for level, ((h, w), s, (sy, sx)) in enumerate(zip(sizes, strides, steps)):
+        ys = (torch.arange(h, device=device, dtype=torch.float32) + offset) * sy
+        xs = (torch.arange(w, device=device, dtype=torch.float32) + offset) * sx
         yy, xx = torch.meshgrid(ys, xs, indexing="ij")
         pts.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))
         strd.append(torch.full((h * w,), float(s), device=device))

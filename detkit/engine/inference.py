@@ -1,82 +1,97 @@
-"""Inference on image files: drawn PNGs plus a COCO-results json."""
+"""``detkit infer``: detections drawn on image files plus a COCO-results json, never over an input."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-from torchvision import tv_tensors
-
+from detkit.api import DetectorModel
 from detkit.data.coco import decode_rgb
-from detkit.data.collate import collate_detection
-from detkit.data.transforms import build_transforms
-from detkit.engine.checkpoint import load_checkpoint
-from detkit.engine.evaluator import coco_results, to_original_coords
-from detkit.engine.trainer import evaluation_weights
-from detkit.models import build_detector
+from detkit.engine.evaluator import coco_results
+from detkit.registry import ConfigError
 from detkit.visualize import draw_detections, save_grid
 
 logger = logging.getLogger("detkit")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
-def expand_image_paths(paths: Sequence[str]) -> list[Path]:
-    """Files as given, folders expanded to the images inside (sorted); missing paths are an error."""
-    files: list[Path] = []
+def expand_image_paths(paths: Sequence[str], skip: Path | None = None) -> list[tuple[Path, Path]]:
+    """``(file, output name)`` per image: files as given, folders searched recursively (sorted).
+
+    The output name keeps the path relative to the given folder (or the file name), with ``.png``
+    appended unless it already ends so (``a.jpg`` -> ``a.jpg.png``), so no two inputs share one.
+    Files under ``skip`` (the output folder) are not inputs.
+    """
+    found: list[tuple[Path, Path]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                           and not (skip is not None and f.resolve().is_relative_to(skip)))
+            found += [(f, f.relative_to(p)) for f in files]
         elif p.is_file():
-            files.append(p)
+            found.append((p, Path(p.name)))
         else:
             raise FileNotFoundError(f"image path not found: {p}")
-    if not files:
-        raise FileNotFoundError(f"no images found in {list(paths)}")
-    return files
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {list(paths)}")
+    outputs: dict[Path, Path] = {}
+    pairs = []
+    for file, rel in found:
+        name = rel if rel.suffix.lower() == ".png" else rel.with_name(rel.name + ".png")
+        if name in outputs:
+            raise ConfigError(f"--images: {outputs[name]} and {file} would both be drawn to {name}; give them in "
+                              f"separate runs or folders")
+        outputs[name] = file
+        pairs.append((file, name))
+    return pairs
 
 
-@torch.no_grad()
-def infer_images(cfg: dict[str, Any], checkpoint: str, images: Sequence[str], out_dir: str,
-                 score_thr: float = 0.3, device: str = "auto", batch_size: int = 4) -> list[dict[str, Any]]:
-    """Detect objects in ``images`` with the weights of ``checkpoint`` (EMA weights when present).
+def check_output_folder(out: Path, images: Sequence[str], pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Refuse an ``--out`` whose files would overwrite an input."""
+    out_resolved = out.resolve()
+    inputs = {f.resolve() for f, _ in pairs}
+    for name in ("results.json", "images.json"):
+        if (out_resolved / name) in inputs:
+            raise ConfigError(f"--out {out}: writing {name} would overwrite an input")
+    for _, name in pairs:
+        if (out_resolved / name).resolve() in inputs:
+            raise ConfigError(f"--out {out}: the drawing of {name} would overwrite the input {out / name}")
 
-    Each image goes through ``data.val.transforms`` like evaluation; boxes come back in the file's
-    pixels. Writes ``out_dir/<stem>.png`` with boxes drawn and ``out_dir/results.json`` (COCO
-    results; ``image_id`` = position in the list, file names in ``out_dir/images.json``).
-    """
-    dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    state = load_checkpoint(checkpoint)
-    model = build_detector(cfg["model"])
-    model.load_state_dict(evaluation_weights(state))
-    model.to(dev).eval()
-    classes = state.get("classes") or [str(i) for i in range(model.num_classes)]
-    cat_ids = state.get("cat_ids") or list(range(model.num_classes))
-    pipeline = build_transforms(cfg["data"].get("val", {}).get("transforms", []))
-    files = expand_image_paths(images)
+
+def infer_images(detector: DetectorModel, images: Sequence[str], out_dir: str | os.PathLike, score_thr: float = 0.3,
+                 batch_size: int = 8) -> dict[str, int]:
+    """Detect objects in ``images`` (files or folders) and write, under ``out_dir``, each image with its
+    detections drawn (``<relative path>.png``), ``results.json`` (COCO results, ``image_id`` = position)
+    and ``images.json`` (position -> file). Returns the counts it reports."""
+    if not 0.0 <= score_thr <= 1.0:
+        raise ConfigError(f"--score-thr must lie in [0, 1], got {score_thr}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    for given in map(Path, images):
+        if given.is_dir() and given.resolve() == out.resolve():
+            raise ConfigError(f"--out {out} is an input folder; choose another folder so no input is overwritten")
+    pairs = expand_image_paths(images, skip=out.resolve())
+    check_output_folder(out, images, pairs)
     results: list[dict[str, Any]] = []
-    for start in range(0, len(files), batch_size):
-        items, originals = [], []
-        for index, path in enumerate(files[start:start + batch_size], start):
-            image = decode_rgb(path)
-            h, w = image.shape[-2:]
-            target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
-                      "labels": torch.zeros(0, dtype=torch.int64), "image_id": index, "orig_size": (h, w)}
-            items.append(pipeline(tv_tensors.Image(image), target))
-            originals.append((path, image))
-        batch = collate_detection(items, int(cfg["data"].get("size_divisor", 32)))
-        dets = model.predict(batch["images"].to(dev), batch["image_sizes"])
-        for i, (det, (path, image)) in enumerate(zip(dets, originals)):
-            pred = to_original_coords(det, batch["scale_factors"][i], batch["orig_sizes"][i])
-            keep = pred["scores"] >= score_thr
-            save_grid([draw_detections(image, pred["boxes"][keep], pred["labels"][keep], classes, pred["scores"][keep])],
-                      out / f"{path.stem}.png", nrow=1)
-            results += coco_results([pred], [batch["image_ids"][i]], cat_ids)
-    (out / "results.json").write_text(json.dumps([r for r in results if r["score"] >= score_thr]))
-    (out / "images.json").write_text(json.dumps({i: str(p) for i, p in enumerate(files)}, indent=1))
-    logger.info("wrote %d images with detections (score >= %.2f) and results.json to %s", len(files), score_thr, out)
-    return results
+    counts = {"read": 0, "with_detections": 0, "written": 0}
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        pixels = [decode_rgb(f) for f, _ in chunk]
+        dets = detector.predict(pixels, score_thr=score_thr, batch_size=batch_size)
+        for index, ((file, name), image, det) in enumerate(zip(chunk, pixels, dets), start):
+            counts["read"] += 1
+            counts["with_detections"] += int(len(det["scores"]) > 0)
+            target = out / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            save_grid([draw_detections(image, det["boxes"], det["labels"], detector.classes, det["scores"])],
+                      target, nrow=1)
+            counts["written"] += 1
+            results += coco_results([det], [index], detector.cat_ids)
+    (out / "results.json").write_text(json.dumps(results))
+    (out / "images.json").write_text(json.dumps({i: str(f) for i, (f, _) in enumerate(pairs)}, indent=1))
+    counts["written"] += 2
+    logger.info("read %d images, %d with detections (score >= %.2f); wrote %d drawings, results.json and "
+                "images.json to %s", counts["read"], counts["with_detections"], score_thr, counts["written"] - 2, out)
+    return counts

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 from torchvision import models
 from torchvision.ops import FrozenBatchNorm2d
 
+from detkit.models.weights import PREFIX, resolve_weights
 from detkit.registry import BACKBONES, ConfigError
 
 NORMS = ("BN", "SyncBN", "GN", "FrozenBN")
@@ -26,20 +25,26 @@ def norm_layer(norm: str, groups: int = 32) -> Callable[[int], nn.Module]:
     raise ConfigError(f"norm must be one of {NORMS}, got {norm!r}")
 
 
-def load_local_weights(module: nn.Module, path: str | None) -> None:
-    """Load a state dict from a local file (no downloads); names the file on any mismatch."""
-    if not path:
+def load_backbone_weights(module: nn.Module, spec: str | None, depth: int) -> None:
+    """``init_weights``: a torchvision weights name (``torchvision:ResNet50_Weights.IMAGENET1K_V2``,
+    ``torchvision:DEFAULT``) or a local torchvision ResNet state dict; mismatches are named errors."""
+    if not spec:
         return
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"init_weights file not found: {file} (weights are only read from local paths)")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing:
-        raise ConfigError(f"{file}: {len(missing)} backbone weights missing, e.g. {missing[:5]}")
-    del unexpected  # a classifier's fc.* weights are expected extras
+    key = "model.backbone.init_weights"
+    if spec.startswith(PREFIX):
+        expected = f"ResNet{depth}_Weights"
+        given = spec[len(PREFIX):].split(".", 1)[0]
+        if given not in ("DEFAULT", expected):
+            raise ConfigError(f"{key}: {spec} are weights for another network than this ResNet-{depth}; use "
+                              f"{PREFIX}{expected}.<NAME> or {PREFIX}DEFAULT")
+    state, source = resolve_weights(spec, key, model_name=f"resnet{depth}")
+    own = module.state_dict()
+    shapes = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in state and not k.startswith("fc.") and "num_batches_tracked" not in k]
+    if shapes or missing:
+        raise ConfigError(f"{key}: {source} does not fit ResNet-{depth}: {len(missing)} weights missing "
+                          f"{missing[:3]}, {len(shapes)} of another shape {shapes[:3]}")
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
 @BACKBONES.register()
@@ -52,7 +57,8 @@ class ResNet(nn.Module):
         norm: ``BN`` (trainable; right for training from scratch), ``GN``, ``SyncBN`` or ``FrozenBN``.
         frozen_stages: freeze the stem and the first ``k`` stages (-1: nothing frozen).
         norm_eval: keep BatchNorm layers in eval mode (running stats fixed) while training.
-        init_weights: local path of a torchvision ResNet state dict (never downloaded).
+        init_weights: ``torchvision:ResNet50_Weights.IMAGENET1K_V2`` / ``torchvision:DEFAULT`` (torch.hub
+            cache, downloaded once) or the local path of a torchvision ResNet state dict.
     Output: list of ``(B, C_i, H / s_i, W / s_i)``; ``out_channels`` lists ``C_i``.
     """
 
@@ -63,7 +69,7 @@ class ResNet(nn.Module):
         if depth not in builders:
             raise ConfigError(f"ResNet depth must be one of {sorted(builders)}, got {depth}")
         net = builders[depth](weights=None, norm_layer=norm_layer(norm))
-        load_local_weights(net, init_weights)
+        load_backbone_weights(net, init_weights, depth)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         if not set(out_indices) <= {0, 1, 2, 3}:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
 from detkit.models.detector import Detector
-from detkit.models.fcos import clip_boxes
+from detkit.models.fcos import clip_boxes, topk_min
 from detkit.registry import ASSIGNERS, DETECTORS, HEADS
 
 CENTERNET_LOSSES = {
@@ -82,24 +82,40 @@ class CenterNetHead(nn.Module):
         }
 
     @torch.no_grad()
-    def predict(self, outputs: tuple[Tensor, Tensor, Tensor], image_sizes: Tensor) -> list[dict[str, Tensor]]:
-        """Top-k 3x3 peaks of the heatmap per image, decoded to boxes in input pixels."""
+    def decode(self, outputs: tuple[Tensor, Tensor, Tensor], image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k 3x3 peaks per image -> dense ``boxes (B, K, 4)`` (clipped), ``scores (B, K)``, ``labels (B, K)``."""
         heatmap, wh, offset = outputs
-        batch, _, height, width = heatmap.shape
+        height, width = heatmap.shape[-2:]
         heat = heatmap.float().sigmoid()
-        peaks = heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)
-        scores, index = peaks.flatten(1).topk(min(self.topk, peaks[0].numel()), dim=1)  # (B, K)
+        peaks = (heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)).flatten(1)
+        scores, index = peaks.topk(topk_min(peaks, self.topk, 1), dim=1)  # (B, K)
         labels = torch.div(index, height * width, rounding_mode="floor")
-        cell = index % (height * width)
+        cell = index - labels * (height * width)  # not `%`: a shape-valued modulo fails the dynamo ONNX exporter
         size = gather_cells(wh.float(), cell)
         shift = gather_cells(offset.float(), cell)
-        cx = ((cell % width).float() + shift[..., 0]) * self.stride
-        cy = (torch.div(cell, width, rounding_mode="floor").float() + shift[..., 1]) * self.stride
+        row = torch.div(cell, width, rounding_mode="floor")
+        cx = ((cell - row * width).float() + shift[..., 0]) * self.stride
+        cy = (row.float() + shift[..., 1]) * self.stride
         half_w, half_h = size[..., 0] * self.stride / 2, size[..., 1] * self.stride / 2
         boxes = clip_boxes(torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1), image_sizes)
+        return boxes, scores, labels
+
+    @torch.no_grad()
+    def predict(self, outputs: tuple[Tensor, Tensor, Tensor], image_sizes: Tensor) -> list[dict[str, Tensor]]:
+        """Top-k 3x3 peaks of the heatmap per image, decoded to boxes in input pixels."""
+        boxes, scores, labels = self.decode(outputs, image_sizes)
         keep = scores > self.score_thr
         return [{"boxes": boxes[i][keep[i]], "scores": scores[i][keep[i]], "labels": labels[i][keep[i]]}
-                for i in range(batch)]
+                for i in range(boxes.shape[0])]
+
+    @torch.no_grad()
+    def predict_padded(self, outputs: tuple[Tensor, Tensor, Tensor], image_sizes: Tensor
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """``predict`` as fixed-size ``(B, K)`` tensors: below ``score_thr`` -> box 0, score 0, label -1."""
+        boxes, scores, labels = self.decode(outputs, image_sizes)
+        keep = scores > self.score_thr
+        return (torch.where(keep.unsqueeze(-1), boxes, torch.zeros_like(boxes)),
+                torch.where(keep, scores, torch.zeros_like(scores)), torch.where(keep, labels, torch.full_like(labels, -1)))
 
 
 @DETECTORS.register()

@@ -80,6 +80,7 @@ class CenterNetNeck(nn.Module):
             x = stage(x)
             if self.laterals is not None:
                 lateral = self.laterals[i](feats[-2 - i])
-                x = x + (lateral if lateral.shape[-2:] == x.shape[-2:] else
-                         F.interpolate(lateral, size=x.shape[-2:], mode="nearest"))
+                # always interpolate (identity when sizes match): a Python shape test would be frozen
+                # into a trace / export and break inputs whose size is not a multiple of 32
+                x = x + F.interpolate(lateral, size=x.shape[-2:], mode="nearest")
         return [x]

@@ -1,0 +1,148 @@
+"""The Python API: ``detkit.load_detector(ckpt).predict(images)`` -> torchvision-format detections."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchvision import tv_tensors
+
+from detkit.data.coco import decode_rgb
+from detkit.data.collate import collate_detection
+from detkit.data.transforms import build_transforms
+from detkit.engine.checkpoint import (
+    evaluation_weights,
+    load_checkpoint,
+    load_model_weights,
+)
+from detkit.engine.evaluator import to_original_coords
+from detkit.registry import ConfigError, UnknownTypeError
+
+ImageInput = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W[, 3]) uint8 | Tensor (3, H, W)
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for but torch.cuda.is_available() is False")
+    return dev
+
+
+def to_uint8_chw(image: ImageInput) -> Tensor:
+    """One image as ``uint8 (3, H, W)`` RGB: a file path, a PIL image, an ``(H, W[, C])`` uint8 array,
+    or a ``(3, H, W)`` tensor (uint8 0..255, or float 0..1 as torchvision uses)."""
+    if isinstance(image, (str, os.PathLike)):
+        return decode_rgb(Path(image))
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise ValueError(f"numpy images must be uint8 (H, W, 3) or (H, W), got dtype {image.dtype}")
+        image = image[..., None].repeat(3, -1) if image.ndim == 2 else image
+        if image.ndim != 3 or image.shape[-1] not in (3, 4):
+            raise ValueError(f"numpy images must be (H, W, 3), (H, W, 4) or (H, W), got shape {image.shape}")
+        return torch.from_numpy(image[..., :3].copy()).permute(2, 0, 1).contiguous()
+    if isinstance(image, Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"tensor images must be (3, H, W) or (1, H, W), got shape {tuple(image.shape)}")
+        if image.is_floating_point():
+            image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+        elif image.dtype != torch.uint8:
+            raise ValueError(f"tensor images must be uint8 (0..255) or float (0..1), got {image.dtype}")
+        return image.expand(3, -1, -1).cpu()
+    raise TypeError(f"cannot read an image from {type(image).__name__}: give a path, a PIL image, a numpy array "
+                    f"or a tensor")
+
+
+class DetectorModel:
+    """A trained detector ready for inference: ``predict(images)`` -> one dict per image with
+    ``boxes (n, 4)`` x1y1x2y2 float32 in the image's own pixels, ``scores (n,)`` and ``labels (n,)``
+    int64 in ``0..len(classes) - 1`` (torchvision's format), sorted by score.
+
+    Images go through the config's ``data.val.transforms`` (as in evaluation), are padded into
+    batches of ``batch_size`` and run on the model's device.
+    """
+
+    def __init__(self, model: nn.Module, config: Mapping[str, Any], classes: Sequence[str],
+                 device: torch.device, cat_ids: Sequence[int] | None = None) -> None:
+        self.model = model.to(device).eval()
+        self.config, self.classes, self.device = dict(config), list(classes), device
+        self.cat_ids = list(cat_ids) if cat_ids else list(range(len(self.classes)))
+        data = self.config.get("data") or {}
+        self.pipeline = build_transforms((data.get("val") or {}).get("transforms", []))
+        self.size_divisor = int(data.get("size_divisor", 32))
+
+    def prepare(self, images: Sequence[ImageInput]) -> dict[str, Any]:
+        """Images -> a collated, transformed, padded batch (see :func:`collate_detection`)."""
+        items = []
+        for index, image in enumerate(images):
+            pixels = to_uint8_chw(image)
+            h, w = pixels.shape[-2:]
+            target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
+                      "labels": torch.zeros(0, dtype=torch.int64), "image_id": index, "orig_size": (h, w)}
+            items.append(self.pipeline(tv_tensors.Image(pixels), target))
+        return collate_detection(items, self.size_divisor)
+
+    @torch.no_grad()
+    def predict(self, images: ImageInput | Sequence[ImageInput], score_thr: float = 0.3, batch_size: int = 8
+                ) -> list[dict[str, Tensor]]:
+        """Detections for ``images`` (one image or a list), keeping those scoring ``>= score_thr``."""
+        if not 0.0 <= float(score_thr) <= 1.0:
+            raise ValueError(f"score_thr must lie in [0, 1], got {score_thr}")
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        out: list[dict[str, Tensor]] = []
+        for start in range(0, len(images), batch_size):
+            batch = self.prepare(images[start:start + batch_size])
+            dets = self.model.predict(batch["images"].to(self.device, non_blocking=True), batch["image_sizes"])
+            for i, det in enumerate(dets):
+                pred = to_original_coords(det, batch["scale_factors"][i], batch["orig_sizes"][i])
+                keep = pred["scores"] >= score_thr
+                out.append({k: v[keep] for k, v in pred.items()})
+        return out
+
+    def __repr__(self) -> str:
+        return (f"DetectorModel({self.config['model'].get('type')}, {len(self.classes)} classes, "
+                f"device={self.device})")
+
+
+def build_model_from_config(config: Mapping[str, Any], where: str) -> nn.Module:
+    """``build_detector(config['model'])``; a type from a module the config imports is named, not imported:
+    a checkpoint must not run code, so such modules are imported by the user (``import x``) first."""
+    import detkit.build  # noqa: F401  (fills every registry)
+    from detkit.models import build_detector
+
+    try:
+        return build_detector(config["model"])
+    except UnknownTypeError as err:
+        imports = config.get("imports") or []
+        if not imports:
+            raise
+        raise ConfigError(f"{where}: {err}. Its config imports {list(imports)}, which detkit does not import from a "
+                          f"checkpoint (that would run code from a file); import them yourself first, or give "
+                          f"--config") from None
+
+
+def load_detector(checkpoint: str | os.PathLike, device: str | torch.device = "auto",
+                  config: Mapping[str, Any] | None = None) -> DetectorModel:
+    """A :class:`DetectorModel` from a detkit checkpoint (``best.pth``, ``model_final.pth``, ``latest.pth``...).
+
+    The config and class names come from the checkpoint unless ``config`` is given; the weights
+    are the ones training evaluated (EMA when there was one). Loading is weights-only.
+    """
+    state = load_checkpoint(checkpoint)
+    cfg = dict(config if config is not None else state.get("config") or {})
+    if "model" not in cfg:
+        raise ConfigError(f"{checkpoint}: the checkpoint stores no config; pass config=load_config(...)")
+    model = build_model_from_config(cfg, str(checkpoint))
+    load_model_weights(model, evaluation_weights(state), checkpoint)
+    num_classes = getattr(model, "num_classes", None)
+    classes = state.get("classes") or [str(i) for i in range(num_classes or 0)]
+    return DetectorModel(model, cfg, classes, pick_device(device), state.get("cat_ids"))

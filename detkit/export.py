@@ -1,0 +1,125 @@
+"""Export a detector to ONNX / TorchScript as ``uint8 images (B, 3, H, W) -> boxes, scores, labels``.
+
+The exported graph holds normalisation, network, decoding and (FCOS) class-wise NMS. Outputs are
+fixed-size per image: ``boxes (B, M, 4)`` x1y1x2y2 input pixels, ``scores (B, M)``, ``labels (B, M)``
+int64, sorted by score; empty slots have box 0, score 0, label -1 (M = head.max_per_img or head.topk).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from detkit.models.fcos import image_sizes_of
+from detkit.registry import ConfigError
+
+OUTPUT_NAMES = ["boxes", "scores", "labels"]
+
+
+class ExportWrapper(nn.Module):
+    """``forward(images uint8 (B, 3, H, W)) -> (boxes (B, M, 4), scores (B, M), labels (B, M))``."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(detector.head, "predict_padded"):
+            raise TypeError(f"{type(detector.head).__name__} has no predict_padded: not exportable")
+        self.detector = detector
+        self.eval()  # the wrapper too: torch.onnx.export restores the *wrapper's* mode afterwards, and a
+        # fresh nn.Module is in training mode, which would silently put the detector's BatchNorms in train()
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        outputs = self.detector.head(self.detector.features(images))  # features() normalises
+        return self.detector.head.predict_padded(outputs, image_sizes_of(images))
+
+
+def export_onnx(detector: nn.Module, path: str | Path, example: Tensor | None = None, dynamo: bool = False,
+                opset: int = 18) -> Path:
+    """ONNX with dynamic batch, height and width (both exporters). The example is only traced, its values
+    don't matter; for ``dynamo=True`` it must have batch >= 2 and every FPN level larger than 1x1 (torch.export
+    specialises sizes 0/1 and guards on them), hence the default (2, 3, 320, 352)."""
+    wrapper, path = ExportWrapper(detector), Path(path)
+    if example is None:
+        example = torch.randint(0, 256, (2, 3, 320, 352), dtype=torch.uint8)
+    dynamic = {"boxes": {0: "batch", 1: "det"}, "scores": {0: "batch", 1: "det"}, "labels": {0: "batch", 1: "det"}}
+    with torch.no_grad():
+        if dynamo:
+            dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+            program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["images"],
+                                        output_names=OUTPUT_NAMES, dynamic_shapes=(dims,), opset_version=opset,
+                                        external_data=False)
+            program.save(str(path))
+        else:
+            torch.onnx.export(wrapper, (example,), str(path), dynamo=False, input_names=["images"],
+                              output_names=OUTPUT_NAMES, opset_version=opset,
+                              dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, **dynamic})
+    return path
+
+
+def export_torchscript(detector: nn.Module, path: str | Path, example: Tensor | None = None) -> Path:
+    """``torch.jit.trace`` of the wrapper (shape-dependent values are traced as tensors: dynamic B, H, W)."""
+    if example is None:
+        example = torch.randint(0, 256, (1, 3, 320, 352), dtype=torch.uint8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer/deprecation notices: the result is checked by the caller
+        traced = torch.jit.trace(ExportWrapper(detector), (example,), check_trace=False)
+    traced.save(str(path))
+    return Path(path)
+
+
+def require(module: str) -> None:
+    """Import ``module`` or raise a :class:`ConfigError` saying which extra to install."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"export needs the '{module}' package: pip install \"detkit[export]\" "
+                          f"(onnx, onnxruntime, onnxscript)") from None
+
+
+def run_exported(path: Path, fmt: str, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Run an exported file on ``images`` (uint8 (B, 3, H, W)): onnxruntime on the CPU, or TorchScript."""
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outs = session.run(None, {"images": images.numpy()})
+        return tuple(torch.from_numpy(o) for o in outs)  # type: ignore[return-value]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return module(images)
+
+
+def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo: bool = True) -> dict[str, float]:
+    """Export ``checkpoint``'s inference weights to ``out`` and check the file against PyTorch eager on a
+    random 256x320 image: returns the max box / score differences and the file size (MiB)."""
+    from detkit.api import load_detector
+
+    if fmt not in ("onnx", "torchscript"):
+        raise ConfigError(f"--format must be onnx or torchscript, got {fmt!r}")
+    if fmt == "onnx":
+        for module in ("onnx", "onnxruntime") + (("onnxscript",) if dynamo else ()):
+            require(module)
+    detector = load_detector(checkpoint, device="cpu").model
+    if fmt == "torchscript" and getattr(detector.head, "stride_from_input", False):
+        raise ConfigError("--format torchscript: this head spaces points by the input size (stride_from_input), "
+                          "which a trace freezes at one size; export to onnx instead")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        (export_onnx(detector, tmp, dynamo=dynamo) if fmt == "onnx" else export_torchscript(detector, tmp))
+        image = torch.randint(0, 256, (1, 3, 256, 320), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        boxes, scores, labels = run_exported(tmp, fmt, image)
+        with torch.no_grad():
+            ref = ExportWrapper(detector)(image)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"box_diff": float((boxes - ref[0]).abs().max()), "score_diff": float((scores - ref[1]).abs().max()),
+            "same_labels": bool(torch.equal(labels, ref[2])), "mib": out.stat().st_size / 2 ** 20}

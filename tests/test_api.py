@@ -1,0 +1,142 @@
+"""The Python API, inference that never destroys input, and weights-only checkpoint loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import detkit
+from detkit.config import load_config
+from detkit.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from detkit.models import build_detector
+
+ROOT = Path(__file__).resolve().parents[1]
+FCOS_CFG = ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"
+CENTERNET_CFG = ROOT / "configs/centernet/centernet_r18_shapes.yaml"
+SMALL = ["model.neck.out_channels=16", "model.head.feat_channels=16", "model.head.num_convs=1"]
+
+
+def write_checkpoint(path: Path, cfg_path: Path = FCOS_CFG, overrides=SMALL, transforms=None) -> dict:
+    """An inference checkpoint of a randomly initialised small detector (no training needed)."""
+    cfg = load_config(cfg_path, overrides)
+    if transforms is not None:
+        cfg["data"]["val"]["transforms"] = transforms
+    torch.manual_seed(0)
+    model = build_detector(cfg["model"])
+    save_checkpoint({"model": model.state_dict(), "config": cfg, "classes": ["circle", "square", "triangle", "star"],
+                     "cat_ids": [1, 2, 3, 4], "inference_only": True}, path)
+    return cfg
+
+
+def image_files(folder: Path, sizes=((48, 64), (64, 40), (32, 32))) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate(sizes):
+        path = folder / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_readme_python_api_example_runs(tmp_path):
+    ckpt = tmp_path / "best.pth"
+    write_checkpoint(ckpt)
+    a, b = image_files(tmp_path / "imgs")[:2]
+    model = detkit.load_detector(ckpt, device="auto")
+    dets = model.predict([str(a), str(b)], score_thr=0.0)
+    assert len(dets) == 2 and model.classes == ["circle", "square", "triangle", "star"]
+    for det, (h, w) in zip(dets, [(48, 64), (64, 40)]):
+        assert set(det) == {"boxes", "scores", "labels"} and det["boxes"].shape[1] == 4 and len(det["boxes"]) > 0
+        assert det["boxes"].dtype == torch.float32 and det["labels"].dtype == torch.int64
+        assert (det["boxes"][:, 0::2] <= w).all() and (det["boxes"][:, 1::2] <= h).all() and (det["boxes"] >= 0).all()
+        assert torch.all(det["scores"][:-1] >= det["scores"][1:])
+
+
+def test_every_input_kind_gives_the_same_detections(tmp_path):
+    ckpt = tmp_path / "m.pth"
+    write_checkpoint(ckpt, transforms=[{"type": "Resize", "size": 160}])  # boxes must come back in file pixels
+    path = image_files(tmp_path / "imgs")[0]
+    pil = Image.open(path)
+    array = np.array(pil.convert("RGB"))
+    tensor = torch.from_numpy(array).permute(2, 0, 1)
+    model = detkit.load_detector(ckpt, device="cpu")
+    outs = [model.predict(x, score_thr=0.0)[0] for x in (path, str(path), pil, array, tensor, tensor.float() / 255)]
+    for out in outs[1:]:
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(out[key], outs[0][key]), key
+    batched = model.predict([path, pil], score_thr=0.0)  # same size: same padding, same detections
+    for b in batched:  # (to float rounding: a batch of 2 may take another convolution algorithm)
+        torch.testing.assert_close(b["boxes"][:20], outs[0]["boxes"][:20], atol=1e-3, rtol=0)
+        assert torch.equal(b["labels"][:20], outs[0]["labels"][:20])
+    assert outs[0]["boxes"][:, 2].max() <= 64 and outs[0]["boxes"][:, 3].max() <= 48
+    with pytest.raises(ValueError, match="score_thr must lie in"):
+        model.predict(path, score_thr=2)
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(1)}, "x": Payload()}, path)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*evil\.pth.*could run code"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/infer.py"), "--checkpoint", str(path), "--images",
+                           str(image_files(tmp_path / "imgs")[0]), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and "refusing to load" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def infer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools/infer.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_infer_keeps_relative_paths_and_never_overwrites_inputs(tmp_path):
+    ckpt = tmp_path / "m.pth"
+    write_checkpoint(ckpt)
+    data = tmp_path / "data"
+    image_files(data / "a")
+    image_files(data / "b", [(40, 40)])
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(data / "a" / "img0.jpg")  # same stem, other suffix
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    proc = infer("--checkpoint", str(ckpt), "--images", str(data), "--out", str(tmp_path / "out"),
+                 "--score-thr", "0.0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.png"))
+    assert written == ["a/img0.jpg.png", "a/img0.png", "a/img1.png", "a/img2.png", "b/img0.png"]
+    assert "read 5 images, 5 with detections (score >= 0.00); wrote 5 drawings" in proc.stderr
+    results = json.loads((tmp_path / "out/results.json").read_text())
+    assert {r["image_id"] for r in results} == set(range(5)) and {r["category_id"] for r in results} <= {1, 2, 3, 4}
+    for bad, message in [(["--out", str(data / "a")], "is an input folder"),
+                         (["--out", str(tmp_path / "o2"), "--score-thr", "1.5"], "--score-thr must lie in [0, 1]")]:
+        proc = infer("--checkpoint", str(ckpt), "--images", str(data / "a"), *bad, cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    # drawing a.png into the folder that holds it would overwrite it
+    proc = infer("--checkpoint", str(ckpt), "--images", str(data / "a" / "img0.png"), "--out", str(data / "a"),
+                 cwd=tmp_path)
+    assert proc.returncode == 2 and "would overwrite the input" in proc.stderr
+    assert before == {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+
+
+def test_weights_of_another_detector_get_one_named_error(tmp_path):
+    ckpt = tmp_path / "centernet.pth"
+    write_checkpoint(ckpt, CENTERNET_CFG, ["model.neck.channels=[32,16,16]", "model.head.feat_channels=16"])
+    proc = infer("--checkpoint", str(ckpt), "--config", str(FCOS_CFG), "--images",
+                 str(image_files(tmp_path / "imgs")[0]), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "centernet.pth: its weights do not fit this config's model (FCOS)" in proc.stderr

@@ -1,0 +1,90 @@
+"""Export parity: ONNX (onnxruntime) and TorchScript give PyTorch's detections, NMS included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from detkit.config import load_config
+from detkit.engine.checkpoint import save_checkpoint
+from detkit.export import export_onnx, export_torchscript, run_exported
+from detkit.models import build_detector
+from tests.detections import paired_max_diff
+
+pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "fcos": (ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml", ["model.neck.out_channels=32", "model.head.feat_channels=32",
+                                                              "model.head.num_convs=1"]),
+    "centernet": (ROOT / "configs/centernet/centernet_r18_shapes.yaml", ["model.neck.channels=[32,32,32]",
+                                                                         "model.head.feat_channels=32"]),
+}
+SIZES = [(128, 128), (96, 160), (100, 150)]
+
+
+def spread_model(name: str) -> torch.nn.Module:
+    """A detector whose head weights spread the scores (no exact ties: the order of detections is defined)."""
+    torch.manual_seed(0)
+    cfg_path, overrides = CONFIGS[name]
+    model = build_detector(load_config(cfg_path, overrides)["model"]).eval()
+    with torch.no_grad():
+        for module in model.head.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.normal_(0, 0.05)
+    return model
+
+
+def images() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=g) for h, w in SIZES]
+
+
+def assert_same_detections(exported: tuple, reference: dict) -> None:
+    """Same labels, boxes within 0.5 px and scores within 1e-3, detection by detection (paired: float
+    rounding may reorder near-tied scores)."""
+    boxes, scores, labels = (x[0] for x in exported)
+    valid = labels >= 0
+    box_diff, score_diff = paired_max_diff({"boxes": boxes[valid], "scores": scores[valid], "labels": labels[valid]},
+                                           reference)
+    assert box_diff <= 0.5 and score_diff <= 1e-3
+
+
+@pytest.mark.parametrize("name", ["fcos", "centernet"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_exported_model_matches_pytorch_on_three_sizes(tmp_path, name, fmt):
+    model = spread_model(name)
+    path = tmp_path / f"model.{fmt}"
+    if fmt == "onnx":
+        export_onnx(model, path, dynamo=False)
+    else:
+        export_torchscript(model, path)
+    for image in images():
+        with torch.no_grad():
+            reference = model.predict(image)[0]
+        assert_same_detections(run_exported(path, fmt, image), reference)
+
+
+@pytest.mark.slow
+def test_dynamo_onnx_export_matches_pytorch(tmp_path):
+    model = spread_model("fcos")
+    export_onnx(model, tmp_path / "m.onnx", dynamo=True)
+    for image in images():
+        with torch.no_grad():
+            reference = model.predict(image)[0]
+        assert_same_detections(run_exported(tmp_path / "m.onnx", "onnx", image), reference)
+
+
+def test_export_cli_checks_the_file_it_writes(tmp_path):
+    model = spread_model("fcos")
+    cfg = load_config(*CONFIGS["fcos"])
+    save_checkpoint({"model": model.state_dict(), "config": cfg, "classes": ["a", "b", "c", "d"]}, tmp_path / "m.pth")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools/export.py"), "--checkpoint", str(tmp_path / "m.pth"),
+                           "--format", "onnx", "--legacy-exporter", "--out", str(tmp_path / "out/m.onnx")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "labels equal" in proc.stdout and (tmp_path / "out/m.onnx").is_file()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["m.onnx"]  # no temporary file left
