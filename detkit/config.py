@@ -154,6 +154,8 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] | None = None)
         The resolved config as plain dicts/lists/scalars, without ``_base_``.
     """
     cfg = _load(Path(path), ())
+    if not cfg:
+        raise ConfigError(f"{path}: the config is empty; it needs at least model and data sections")
     check_keys(cfg, SECTIONS, str(path), "top-level section", sep=": ")
     for item in overrides or ():
         apply_override(cfg, item)

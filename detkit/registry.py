@@ -58,6 +58,18 @@ def _join(path: str, key: str | None) -> str:
     return f"{path}.{key}" if path else key
 
 
+def config_path(key: str | None = None) -> str:
+    """The dotted config path being built (``model.head``), extended by ``key``: for error messages."""
+    return _join(_BUILD_PATH.get(), key)
+
+
+def positive_int(value: Any, key: str, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``, else a :class:`ConfigError` naming the full config path of ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{config_path(key)} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 @contextmanager
 def build_path(key: str | None) -> Iterator[str]:
     """Extend the current config path by ``key`` for the duration of a nested build."""

@@ -46,13 +46,21 @@ def load_coco(ann_file: str | os.PathLike) -> COCO:
 
 
 def decode_rgb(path: Path) -> torch.Tensor:
-    """Read an image file as ``uint8 (3, H, W)`` RGB (grayscale and RGBA are converted)."""
+    """Read an image file as ``uint8 (3, H, W)`` RGB (grayscale and RGBA are converted; 16-bit images are
+    scaled to 8 bits, ``value >> 8``, never wrapped modulo 256)."""
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
     except RuntimeError as err:
+        if "alloc" in str(err).lower():
+            raise DatasetError(f"{path}: the image is too large to decode in memory ({err})") from None
         raise DatasetError(f"{path}: cannot decode image ({err})") from None
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    elif image.dtype != torch.uint8:
+        raise DatasetError(f"{path}: {image.dtype} pixels are not supported; convert the image to 8 or 16 bits")
+    return image
 
 
 @DATASETS.register()
@@ -179,4 +187,12 @@ class CocoDataset(Dataset):
                 logger.warning("skipping bad image: %s", err)
         else:
             raise DatasetError(f"{self.ann_file}: no image could be read")
-        return self.transforms(image, target)
+        try:
+            return self.transforms(image, target)
+        except (MemoryError, RuntimeError) as err:
+            if not isinstance(err, MemoryError) and "alloc" not in str(err).lower():
+                raise
+            h, w = image.shape[-2:]
+            raise DatasetError(f"image id {target['image_id']} ({w}x{h}) is too large for memory in the transforms: "
+                               f"add a Resize first, e.g. transforms: [{{type: Resize, size: 800, max_size: 1333}}, "
+                               f"...]") from None

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from detkit.data.coco import CocoDataset
-from detkit.registry import DATASETS
+from detkit.registry import DATASETS, ConfigError, config_path, positive_int
 
 logger = logging.getLogger("detkit.data")
 
@@ -173,7 +173,9 @@ class ShapesDataset(CocoDataset):
                  transforms: Sequence[dict] | Callable | None = None, filter_empty: bool = False) -> None:
         unknown = [c for c in classes if c not in SHAPES]
         if unknown:
-            raise ValueError(f"ShapesDataset: unknown classes {unknown}; choose from {list(SHAPES)}")
+            raise ConfigError(f"{config_path('classes')}: unknown shapes {unknown}; choose from {list(SHAPES)}")
+        positive_int(num_images, "num_images")
+        positive_int(image_size, "image_size", minimum=16)
         draw_args = dict(seed=int(seed), size=int(image_size), classes=list(classes),
                          min_objects=int(min_objects), max_objects=int(max_objects), min_size=float(min_size),
                          max_size=float(max_size_frac) * image_size, max_overlap=float(max_overlap))

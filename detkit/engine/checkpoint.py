@@ -111,14 +111,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower() or "weights_only" in str(err):
-            unsafe = re.search(r"GLOBAL ([\w.]+)|global ([\w.]+)", str(err))
-            what = next((g for g in unsafe.groups() if g), "") if unsafe else ""
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if unsafe:
             raise CheckpointError(
-                f"refusing to load {path}: it holds Python objects{f' ({what})' if what else ''} whose unpickling "
-                f"could run code; detkit loads checkpoints weights-only. Only load files you trust, and convert "
-                f"them to a plain state dict.") from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be loaded ({err})") from None
+                f"refusing to load {path}: it holds a Python object ({unsafe.group(1)}) whose unpickling could run "
+                f"code; detkit loads checkpoints weights-only. Only load files you trust, and convert them to a "
+                f"plain state dict.") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be loaded") from None
     except Exception as err:  # truncated zip, wrong format: all mean "corrupt"
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be loaded "
                               f"({type(err).__name__}: {err})") from None

@@ -39,6 +39,8 @@ def coco_results(predictions: Sequence[dict[str, Tensor]], image_ids: Sequence[i
     for pred, image_id in zip(predictions, image_ids):
         boxes = pred["boxes"].tolist()
         for (x1, y1, x2, y2), score, label in zip(boxes, pred["scores"].tolist(), pred["labels"].tolist()):
+            if label >= len(cat_ids):  # a model with more classes than the dataset: no category to score
+                continue
             results.append({"image_id": int(image_id), "category_id": int(cat_ids[int(label)]),
                             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                             "score": round(float(score), 5)})

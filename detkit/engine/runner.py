@@ -34,7 +34,13 @@ from detkit.engine.run_log import setup_logging
 from detkit.engine.settings import TrainSettings
 from detkit.engine.trainer import Trainer
 from detkit.engine.workdir import WorkDirLock, check_new_run, clear_previous_run
-from detkit.engine.writers import ConsoleWriter, JsonlWriter, WriterGroup, build_writers
+from detkit.engine.writers import (
+    ConsoleWriter,
+    JsonlWriter,
+    WriterGroup,
+    build_writers,
+    check_writer_specs,
+)
 from detkit.models import build_detector
 from detkit.registry import ConfigError
 
@@ -57,6 +63,20 @@ def init_distributed(device_arg: str) -> tuple[torch.device, int]:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), local_rank
     return torch.device("cpu"), local_rank
+
+
+def check_class_counts(model: nn.Module, dataset: Any) -> None:
+    """Fewer model classes than the dataset has is an error (labels out of range); more is a warning
+    (the extra outputs are trained as background and left out of evaluation)."""
+    classes, num = list(getattr(dataset, "classes", []) or []), getattr(model, "num_classes", None)
+    if not classes or num is None or num == len(classes):
+        return
+    if num < len(classes):
+        raise ConfigError(f"the model has {num} classes (model num_classes) but data.train has {len(classes)} "
+                          f"({', '.join(map(str, classes[:8]))}{', ...' if len(classes) > 8 else ''}); set the "
+                          f"model's num_classes to {len(classes)}")
+    logger.warning("the model has %d classes but data.train has %d: the extra %d outputs are only trained as "
+                   "background and are left out of evaluation", num, len(classes), num - len(classes))
 
 
 def resume_state(resume: str | None, work_dir: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -84,8 +104,12 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
     A new run refuses a work dir holding another run unless ``overwrite``; the work dir is locked
     (``.lock``) for the run's lifetime (``trainer.lock.release()``), so a second run into it refuses.
     """
+    for section in ("model", "data"):
+        if not isinstance(cfg.get(section), dict):
+            raise ConfigError(f"the config has no '{section}' section (a mapping); see configs/ for examples")
     settings = TrainSettings.from_config(cfg)
-    data_settings(cfg.get("data") or {})
+    data_settings(cfg["data"])
+    check_writer_specs(settings.writers)
     optimizer_spec = check_optimizer_spec(cfg.get("optimizer") or {"type": "SGD", "lr": 0.01, "momentum": 0.9})
     dev, local_rank = init_distributed(device or settings.device)
     rank, world = get_rank(), get_world_size()
@@ -107,6 +131,7 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
     if len(loader) == 0:
         raise ConfigError(f"data.train: {len(loader.dataset)} images give no batch of {loader.batch_size} on "
                           f"{world} process(es)")
+    check_class_counts(model, loader.dataset)
     val_loader = (build_dataloader(cfg["data"], "val", seed=settings.seed, rank=rank, world_size=world)
                   if "val" in cfg["data"] else None)
     optimizer = build_optimizer(optimizer_spec, model)

@@ -19,7 +19,13 @@ from torch import Tensor
 
 from detkit.engine.evaluator import format_metrics
 from detkit.engine.run_log import bar_active
-from detkit.registry import WRITERS, ConfigError
+from detkit.registry import (
+    WRITERS,
+    ConfigError,
+    build_path,
+    check_arguments,
+    config_path,
+)
 
 logger = logging.getLogger("detkit")
 #: Keys of a ``train`` record that are not loss terms.
@@ -185,6 +191,16 @@ class WriterGroup:
     def close(self) -> None:
         for w in self.writers:
             w.close()
+
+
+def check_writer_specs(specs: Sequence[dict[str, Any]]) -> None:
+    """Every ``train.writers`` type is registered and its arguments fit (before anything is written)."""
+    for i, spec in enumerate(specs):
+        with build_path(f"train.writers.{i}"):
+            cls = WRITERS.get(spec["type"])
+            given = {k: v for k, v in spec.items() if k != "type"}
+            given.update({k: None for k in ("work_dir", "resume_iter") if k in inspect.signature(cls).parameters})
+            check_arguments(cls, spec["type"], given, config_path())
 
 
 def build_writers(specs: Sequence[dict[str, Any]], work_dir: Path, resume_iter: int | None, enabled: bool

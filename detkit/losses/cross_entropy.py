@@ -31,6 +31,8 @@ class CrossEntropyLoss(WeightedLoss):
     ``F.cross_entropy``; the sigmoid ``mean`` averages over non-ignored logits.
     """
 
+    kinds = frozenset({"classification", "score"})
+
     def __init__(self, use_sigmoid: bool = False, class_weight: Sequence[float] | None = None,
                  label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
                  loss_weight: float = 1.0) -> None:

@@ -62,6 +62,8 @@ class FocalLoss(WeightedLoss):
     ``weight`` ``(...,)`` scales whole rows, ``(..., C)`` single logits.
     """
 
+    kinds = frozenset({"classification"})
+
     def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25, reduction: str = "mean",
                  loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)

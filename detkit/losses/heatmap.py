@@ -21,6 +21,8 @@ class GaussianFocalLoss(WeightedLoss):
     Shapes: ``pred, target (B, C, H, W)`` (any equal shapes); elementwise loss of that shape.
     """
 
+    kinds = frozenset({"heatmap"})
+
     def __init__(self, alpha: float = 2.0, beta: float = 4.0, reduction: str = "mean",
                  loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)

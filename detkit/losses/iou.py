@@ -58,6 +58,8 @@ def center_distance_ratio(pred: Tensor, target: Tensor, eps: float) -> Tensor:
 class _BoxLoss(WeightedLoss):
     """Shared checks for losses on paired boxes ``pred, target (..., 4)`` -> loss ``(...,)``."""
 
+    kinds = frozenset({"box"})
+
     def __init__(self, eps: float = 1e-7, reduction: str = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
         self.eps = float(eps)

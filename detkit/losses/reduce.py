@@ -59,6 +59,10 @@ class WeightedLoss(nn.Module):
     fp16/bf16 activations under autocast never underflow or overflow inside a loss.
     """
 
+    #: What the loss compares (``classification``, ``box``, ``regression``, ``score``, ``heatmap``):
+    #: heads refuse a loss of the wrong kind for a term. Empty: no check.
+    kinds: frozenset[str] = frozenset()
+
     def __init__(self, reduction: str = "mean", loss_weight: Any = 1.0) -> None:
         super().__init__()
         from detkit.losses.weights import WeightSchedule, build_loss_weight

@@ -21,6 +21,8 @@ def _check_same_shape(pred: Tensor, target: Tensor, owner: str) -> None:
 class _CodeWeightedLoss(WeightedLoss):
     """Elementwise loss on ``(..., K)`` codes, optionally scaled per code (OpenPCDet ``code_weights``)."""
 
+    kinds = frozenset({"box", "regression", "score"})
+
     def __init__(self, code_weights: Sequence[float] | None, reduction: str, loss_weight: float) -> None:
         super().__init__(reduction, loss_weight)
         weights = None if code_weights is None else torch.as_tensor(code_weights, dtype=torch.float32)

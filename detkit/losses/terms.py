@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from detkit.registry import LOSSES, ConfigError, check_keys
+from detkit.registry import LOSSES, ConfigError, check_keys, config_path
+
+
+def check_kind(term: str, loss: nn.Module, accepted: Collection[str]) -> None:
+    """Raise :class:`ConfigError` when ``loss`` declares kinds and none is ``accepted`` by ``term``."""
+    kinds = getattr(loss, "kinds", frozenset())
+    if not kinds or set(kinds) & set(accepted):
+        return
+    fitting = sorted(n for n, cls in LOSSES.items() if set(getattr(cls, "kinds", ())) & set(accepted))
+    raise ConfigError(f"{config_path(f'losses.{term}')}: {type(loss).__name__} is a {'/'.join(sorted(kinds))} loss, but the {term} term "
+                      f"takes {'/'.join(sorted(accepted))} losses: {', '.join(fitting)}")
 
 
 class LossTerms(nn.Module):
@@ -14,9 +24,14 @@ class LossTerms(nn.Module):
 
     ``terms(name, pred, target, ...)`` returns ``{name: loss}`` for a single spec, and
     ``{f"{name}.{Type}": loss, ...}`` for a list, so that every part is logged on its own.
+
+    ``required`` maps each term to the loss kinds it takes (``classification``, ``box``,
+    ``regression``, ``score``, ``heatmap``): a loss whose ``kinds`` share none of them (a box term
+    given ``FocalLoss``) is a config error at build time. Losses without ``kinds`` (your own,
+    unless you set it) are accepted anywhere.
     """
 
-    def __init__(self, specs: Mapping[str, Any], required: Sequence[str]) -> None:
+    def __init__(self, specs: Mapping[str, Any], required: Mapping[str, Collection[str]]) -> None:
         super().__init__()
         if not isinstance(specs, Mapping):
             raise ConfigError(f"losses must map each of {list(required)} to a loss spec, got {specs!r}")
@@ -31,6 +46,8 @@ class LossTerms(nn.Module):
             many = isinstance(spec, (list, tuple))
             specs_list = list(spec) if many else [spec]
             modules = [LOSSES.build(s, f"losses.{name}" + (f".{i}" if many else "")) for i, s in enumerate(specs_list)]
+            for module in modules:
+                check_kind(name, module, required[name])
             self.terms[name] = nn.ModuleList(modules)
             self.names[name] = self._names(name, specs_list) if many else [name]
 

@@ -12,8 +12,10 @@ from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
 from detkit.models.detector import Detector
 from detkit.models.fcos import clip_boxes, topk_min
-from detkit.registry import ASSIGNERS, DETECTORS, HEADS
+from detkit.registry import ASSIGNERS, DETECTORS, HEADS, positive_int
 
+#: The loss kinds each CenterNet term takes.
+CENTERNET_TERMS = {"heatmap": ("heatmap",), "wh": ("regression",), "offset": ("regression",)}
 CENTERNET_LOSSES = {
     "heatmap": {"type": "GaussianFocalLoss", "alpha": 2.0, "beta": 4.0, "loss_weight": 1.0},
     "wh": {"type": "L1Loss", "loss_weight": 0.1},
@@ -49,7 +51,7 @@ class CenterNetHead(nn.Module):
                  heatmap_bias: float = -2.19, assigner: Mapping[str, Any] | None = None,
                  losses: Mapping[str, Any] | None = None, topk: int = 100, score_thr: float = 0.01) -> None:
         super().__init__()
-        self.num_classes = int(num_classes)
+        self.num_classes = positive_int(num_classes, "num_classes")
         self.stride = int(stride)
         self.heatmap = branch(in_channels, feat_channels, num_classes)
         self.wh = branch(in_channels, feat_channels, 2)
@@ -60,7 +62,7 @@ class CenterNetHead(nn.Module):
         nn.init.constant_(self.heatmap[-1].bias, heatmap_bias)
         self.assigner = ASSIGNERS.build(dict(assigner or {"type": "CenterNetAssigner"}), "assigner",
                                         stride=self.stride)
-        self.losses = LossTerms(losses if losses is not None else CENTERNET_LOSSES, ("heatmap", "wh", "offset"))
+        self.losses = LossTerms(losses if losses is not None else CENTERNET_LOSSES, CENTERNET_TERMS)
         self.topk, self.score_thr = topk, score_thr
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:

@@ -13,8 +13,10 @@ from detkit.assigners.fcos import DEFAULT_RANGES, INF, fcos_points, grid_steps
 from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
 from detkit.models.detector import Detector
-from detkit.registry import ASSIGNERS, DETECTORS, HEADS
+from detkit.registry import ASSIGNERS, DETECTORS, HEADS, positive_int
 
+#: The loss kinds each FCOS term takes.
+FCOS_TERMS = {"cls": ("classification",), "bbox": ("box",), "centerness": ("score",)}
 FCOS_LOSSES = {
     "cls": {"type": "FocalLoss", "gamma": 2.0, "alpha": 0.25, "loss_weight": 1.0},
     "bbox": {"type": "GIoULoss", "loss_weight": 1.0},
@@ -99,7 +101,7 @@ class FCOSHead(nn.Module):
                  score_thr: float = 0.05, nms_pre: int = 1000, nms_iou: float = 0.6, max_per_img: int = 100,
                  conv_bias: bool | None = None, point_offset: float = 0.5, stride_from_input: bool = False) -> None:
         super().__init__()
-        self.num_classes = int(num_classes)
+        self.num_classes = positive_int(num_classes, "num_classes")
         self.strides = list(strides)
         self.norm_on_bbox = norm_on_bbox
         self.centerness_on_reg = centerness_on_reg
@@ -115,7 +117,7 @@ class FCOSHead(nn.Module):
         if spec.get("type") == "FCOSAssigner" and "regress_ranges" not in spec:
             spec["regress_ranges"] = default_ranges(len(self.strides))
         self.assigner = ASSIGNERS.build(spec, "assigner", strides=self.strides)
-        self.losses = LossTerms(losses if losses is not None else FCOS_LOSSES, ("cls", "bbox", "centerness"))
+        self.losses = LossTerms(losses if losses is not None else FCOS_LOSSES, FCOS_TERMS)
         self.score_thr, self.nms_pre, self.nms_iou, self.max_per_img = score_thr, nms_pre, nms_iou, max_per_img
 
     def _init_weights(self, prior_prob: float) -> None:
