@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+import detkit
 from detkit.assigners import CenterNetAssigner, FCOSAssigner, fcos_points
 from detkit.models import build_detector
 from tests.test_models import batch, tiny_centernet, tiny_fcos
@@ -52,3 +55,21 @@ def test_assigners_on_cuda_equal_cpu():
     gpu = c(boxes.cuda(), labels.cuda(), mask.cuda(), 5, (80, 80))
     for key in cpu:
         torch.testing.assert_close(cpu[key], gpu[key].cpu())
+
+
+def test_cuda_training_run_with_fp16_ema_accumulation(tmp_path):
+    """The whole CLI on the GPU: fp16 + GradScaler, EMA, accumulation, evaluation; then the result through
+    ``detkit.load_detector`` on CUDA."""
+    from tests.test_train import FCOS_CFG, ROOT, cli, tiny_fcos
+
+    work = tmp_path / "work"
+    cli(str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cuda", "--set",
+        *tiny_fcos(tmp_path / "data", epochs=2, images=16), "train.amp=fp16", "train.ema={decay: 0.9}",
+        "train.accumulate=2", cwd=tmp_path)
+    records = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["type"] == "train"]
+    assert train and all(r["total"] == r["total"] for r in train)  # finite, logged per optimizer step
+    model = detkit.load_detector(work / "model_final.pth", device="cuda")
+    assert model.device.type == "cuda"
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    assert len(model.predict([image, image], score_thr=0.0)) == 2

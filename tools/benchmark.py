@@ -2,6 +2,7 @@
 
     python tools/benchmark.py --quick                  # all four tables in under 2 minutes on CPU
     python tools/benchmark.py --device cuda --size 800 --batch 8
+    python tools/benchmark.py --sections epochs --epoch-set data.num_workers=2   # whole epochs, BCCD
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import torch
 
 from detkit import benchmark as bm
 
-BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bccd"
+ROOT = Path(__file__).resolve().parents[1]
+BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,10 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amp", action="store_true", help="train step under bf16 autocast")
     p.add_argument("--compile", action="store_true", help="also time each detkit loss under torch.compile")
     p.add_argument("--sections", nargs="+", default=["losses", "assigners", "train_step", "loading"],
-                   choices=["losses", "assigners", "train_step", "loading"])
+                   choices=["losses", "assigners", "train_step", "loading", "epochs"])
     p.add_argument("--depths", type=int, nargs="+", default=[18, 50], help="ResNet depths for the train step")
     p.add_argument("--width", type=int, default=256, help="FPN / head width for the train step")
     p.add_argument("--bccd", default=str(BCCD), help="BCCD folder for the loading table (skipped if absent)")
+    p.add_argument("--epoch-configs", nargs="+", default=[str(ROOT / "configs/fcos/tv_fcos_r18_fpn_bccd.yaml"),
+                                                          str(ROOT / "configs/fcos/fcos_r18_fpn_bccd.yaml")],
+                   help="configs timed by whole epochs through the trainer (the first is the reference)")
+    p.add_argument("--epoch-set", nargs="*", default=[], help="overrides for every epoch config (e.g. a resize)")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per run (the first is warm-up)")
+    p.add_argument("--rounds", type=int, default=2, help="alternated runs per config")
     p.add_argument("--out", default="work_dirs/benchmark")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -60,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
                                         "transforms": [{"type": "RandomHorizontalFlip", "p": 0.5}]}
         results["loading"] = bm.bench_loading(datasets, 16, [0, 2], 4 if args.quick else 15)
         print(bm.markdown("data loading (batch 16)", results["loading"]), flush=True)
+    if "epochs" in args.sections:
+        from detkit.epoch_benchmark import bench_epochs
+
+        data = [f"data.{split}.data_root={args.bccd}" for split in ("train", "val")]
+        configs = {Path(c).stem: c for c in args.epoch_configs}
+        results["epochs"] = bench_epochs(configs, [*data, *args.epoch_set], str(device), args.epochs, args.rounds)
+        print(bm.markdown(f"training epochs through the trainer ({' '.join(args.epoch_set) or 'as configured'})",
+                          results["epochs"]), flush=True)
     bm.write(Path(args.out), results)
     print(f"wrote {args.out}/benchmark.md and benchmark.json")
     return 0

@@ -155,6 +155,11 @@ class CocoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def landscape(self) -> list[bool]:
+        """Per item whether the image is at least as wide as high (from the json: no decoding); the
+        sampler batches like with like so that a batch is not padded to a square."""
+        return [self.coco.imgs[i]["width"] >= self.coco.imgs[i]["height"] for i in self.ids]
+
     def image_path(self, index: int) -> Path:
         return self.img_dir / self.coco.imgs[self.ids[index]]["file_name"]
 

@@ -14,7 +14,8 @@ from detkit.registry import DATASETS, ConfigError, check_keys
 
 #: ``data.*`` settings with their defaults (``train`` / ``val`` are dataset specs).
 DATA_DEFAULTS: dict[str, Any] = {"batch_size": 8, "val_batch_size": None, "num_workers": 2, "pin_memory": None,
-                                 "persistent_workers": False, "drop_last": False, "size_divisor": 32}
+                                 "persistent_workers": False, "drop_last": False, "size_divisor": 32,
+                                 "group_by_aspect_ratio": True}
 DATA_KEYS = ("train", "val", *DATA_DEFAULTS)
 
 
@@ -29,7 +30,7 @@ def data_settings(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
         value = s[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ConfigError(f"data.{key} must be an integer >= {minimum}, got {value!r}")
-    for key in ("persistent_workers", "drop_last"):
+    for key in ("persistent_workers", "drop_last", "group_by_aspect_ratio"):
         if not isinstance(s[key], bool):
             raise ConfigError(f"data.{key} must be true or false, got {s[key]!r}")
     if s["pin_memory"] is not None and not isinstance(s["pin_memory"], bool):
@@ -49,7 +50,8 @@ def build_dataloader(data_cfg: Mapping[str, Any], split: str, seed: int = 0, ran
     """The loader of ``data_cfg[split]`` (``train`` shuffles, anything else keeps file order).
 
     Sampling goes through :class:`EpochSampler` (also for one process): the order and each
-    sample's random transforms depend only on ``(seed, epoch, position)``. Call
+    sample's random transforms depend only on ``(seed, epoch, position)``; with
+    ``group_by_aspect_ratio`` (default) training batches hold landscape or portrait images only. Call
     ``loader.sampler.set_epoch(epoch, start=k)`` every epoch; a resumed run sees the same data.
     """
     s = data_settings(data_cfg)
@@ -57,11 +59,13 @@ def build_dataloader(data_cfg: Mapping[str, Any], split: str, seed: int = 0, ran
         raise ConfigError(f"data.{split}: no dataset spec for split '{split}'; data has keys {sorted(data_cfg)}")
     train = split == "train"
     dataset = dataset if dataset is not None else build_dataset(data_cfg[split], f"data.{split}")
+    batch_size = s["batch_size"] if train else s["val_batch_size"]
+    groups = dataset.landscape() if train and s["group_by_aspect_ratio"] and hasattr(dataset, "landscape") else None
     sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size,
-                           drop_last=train and world_size > 1)
+                           drop_last=train and world_size > 1, groups=groups, batch_size=batch_size)
     workers = s["num_workers"]
     return DataLoader(
-        SeededDataset(dataset), batch_size=s["batch_size"] if train else s["val_batch_size"], sampler=sampler,
+        SeededDataset(dataset), batch_size=batch_size, sampler=sampler,
         num_workers=workers, collate_fn=partial(collate_detection, size_divisor=s["size_divisor"]),
         pin_memory=torch.cuda.is_available() if s["pin_memory"] is None else s["pin_memory"],
         persistent_workers=s["persistent_workers"] and workers > 0,

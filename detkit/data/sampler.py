@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -16,10 +16,18 @@ class EpochSampler(Sampler):
 
     ``set_epoch(epoch, start=k)`` skips this rank's first ``k`` samples of the epoch (no loading).
     ``sample_seed`` is unique per (seed, epoch, position in the epoch's global order).
+
+    With ``groups`` (a group id per item, e.g. landscape / portrait) and ``batch_size``, the order
+    is rearranged so that every batch of every rank holds one group only (mmdetection's
+    GroupSampler, detectron2's aspect-ratio grouping): a batch mixing a portrait and a landscape
+    image would be padded to a square, computing on up to twice the pixels. Leftovers of each
+    group end the epoch.
     """
 
     def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, groups: Sequence[int] | None = None, batch_size: int = 1) -> None:
+        self.groups = list(groups) if groups is not None and len(set(groups)) > 1 else None
+        self.chunk = batch_size * world_size
         self.size, self.shuffle, self.seed = size, shuffle, seed
         self.rank, self.world = rank, world_size
         self.drop_last = drop_last
@@ -38,11 +46,27 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
+        if self.groups is not None:
+            order = self.grouped(order)
         total = self.per_rank * self.world
         order = (order * math.ceil(total / max(len(order), 1)))[:total] if order else []
         base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
         for position in range(self.rank + self.start * self.world, total, self.world):
             yield order[position], (base + position) % (1 << 62)
+
+
+    def grouped(self, order: list[int]) -> list[int]:
+        """``order`` regrouped into chunks of ``batch_size x world_size`` items of one group each (so
+        rank ``r``'s slice ``chunk[r::world]`` of every chunk is one batch of one group)."""
+        buckets: dict[int, list[int]] = {}
+        out: list[int] = []
+        for index in order:
+            bucket = buckets.setdefault(self.groups[index], [])
+            bucket.append(index)
+            if len(bucket) == self.chunk:
+                out += bucket
+                bucket.clear()
+        return out + [i for bucket in buckets.values() for i in bucket]
 
 
 class SeededDataset(Dataset):

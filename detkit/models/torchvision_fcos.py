@@ -29,8 +29,11 @@ class TorchvisionFCOS(nn.Module):
         num_classes: foreground classes (torchvision's head has no background class for FCOS).
         depth, norm: the ResNet (``BN`` trainable, for training from scratch).
         fpn_channels: FPN and head width. num_convs: head tower depth (torchvision: 4, GroupNorm).
-        min_size, max_size: torchvision's internal resize; set them to the loader's image size
-            so that it does not resize again. score_thr, nms_iou, max_per_img: inference.
+        min_size, max_size: torchvision's internal resize, at inference only. In training the
+            loader's padded batch goes in unresized, as for detkit's detectors (torchvision would
+            otherwise shrink a batch whose padded short side exceeds ``min_size``, e.g. one mixing
+            portrait and landscape images, and train the peer on other pixels than detkit).
+        score_thr, nms_iou, max_per_img: inference.
     Images: ``(B, 3, H, W)`` 0..255 like every detkit detector (scaled to 0..1 for torchvision).
     """
 
@@ -44,7 +47,7 @@ class TorchvisionFCOS(nn.Module):
         backbone = BackboneWithFPN(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"}, RESNET_CHANNELS[depth],
                                    fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
         self.model = TVFCOS(backbone, num_classes, min_size=min_size, max_size=max_size, score_thresh=score_thr,
-                            nms_thresh=nms_iou, detections_per_img=max_per_img)
+                            nms_thresh=nms_iou, detections_per_img=max_per_img, _skip_resize=True)
         if num_convs != 4:
             from torchvision.models.detection.fcos import FCOSHead
 
