@@ -106,7 +106,7 @@ def infer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_infer_keeps_relative_paths_and_never_overwrites_inputs(tmp_path):
+def test_infer_keeps_relative_paths_and_never_overwrites_inputs(tmp_path, capsys):
     ckpt = tmp_path / "m.pth"
     write_checkpoint(ckpt)
     data = tmp_path / "data"
@@ -122,14 +122,17 @@ def test_infer_keeps_relative_paths_and_never_overwrites_inputs(tmp_path):
     assert "read 5 images, 5 with detections (score >= 0.00); wrote 5 drawings" in proc.stderr
     results = json.loads((tmp_path / "out/results.json").read_text())
     assert {r["image_id"] for r in results} == set(range(5)) and {r["category_id"] for r in results} <= {1, 2, 3, 4}
+    from detkit.cli import main
+
     for bad, message in [(["--out", str(data / "a")], "is an input folder"),
                          (["--out", str(tmp_path / "o2"), "--score-thr", "1.5"], "--score-thr must lie in [0, 1]")]:
-        proc = infer("--checkpoint", str(ckpt), "--images", str(data / "a"), *bad, cwd=tmp_path)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+        assert main(["infer", "--checkpoint", str(ckpt), "--images", str(data / "a"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
     # drawing a.png into the folder that holds it would overwrite it
-    proc = infer("--checkpoint", str(ckpt), "--images", str(data / "a" / "img0.png"), "--out", str(data / "a"),
-                 cwd=tmp_path)
-    assert proc.returncode == 2 and "would overwrite the input" in proc.stderr
+    assert main(["infer", "--checkpoint", str(ckpt), "--images", str(data / "a" / "img0.png"), "--out",
+                 str(data / "a")]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
     assert before == {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
 
 

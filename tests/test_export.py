@@ -68,16 +68,6 @@ def test_exported_model_matches_pytorch_on_three_sizes(tmp_path, name, fmt):
         assert_same_detections(run_exported(path, fmt, image), reference)
 
 
-@pytest.mark.slow
-def test_dynamo_onnx_export_matches_pytorch(tmp_path):
-    model = spread_model("fcos")
-    export_onnx(model, tmp_path / "m.onnx", dynamo=True)
-    for image in images():
-        with torch.no_grad():
-            reference = model.predict(image)[0]
-        assert_same_detections(run_exported(tmp_path / "m.onnx", "onnx", image), reference)
-
-
 def test_export_cli_checks_the_file_it_writes(tmp_path):
     model = spread_model("fcos")
     cfg = load_config(*CONFIGS["fcos"])

@@ -27,6 +27,7 @@ from detkit.engine import (
 from detkit.engine.settings import TrainSettings
 from detkit.losses import WeightedLoss
 from detkit.registry import LOSSES
+from tests.cli_runner import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 FCOS_CFG = ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"
@@ -110,25 +111,24 @@ def test_cli_train_eval_infer_end_to_end(tmp_path):
 
 def test_centernet_trains_through_the_cli(tmp_path):
     work = tmp_path / "work"
-    cli("-m", "detkit", "train", "--config", str(CENTERNET_CFG), "--work-dir", str(work), "--device", "cpu",
-        "--set", *tiny(tmp_path / "data", epochs=1), "model.neck.channels=[32,16,16]", "model.head.feat_channels=16",
-        cwd=tmp_path)
+    proc = run_main("train", "--config", str(CENTERNET_CFG), "--work-dir", str(work), "--device", "cpu", "--set",
+                    *tiny(tmp_path / "data", epochs=1), "model.neck.channels=[32,16,16]", "model.head.feat_channels=16")
+    assert proc.returncode == 0, proc.stderr
     evals = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert len(evals) == 1 and (work / "latest.pth").is_file()
 
 
 def test_loss_swap_through_set(tmp_path):
     work = tmp_path / "work"
-    cli(str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cpu",
-        "--set", *tiny_fcos(tmp_path / "data", epochs=1), "model.head.losses.bbox.type=CIoULoss", cwd=tmp_path)
+    assert run_main("train", "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cpu",
+        "--set", *tiny_fcos(tmp_path / "data", epochs=1), "model.head.losses.bbox.type=CIoULoss").returncode == 0
     assert load_config(work / "config.yaml")["model"]["head"]["losses"]["bbox"]["type"] == "CIoULoss"
     train = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert all(r["bbox"] > 0 for r in train)
 
 
 def test_bad_override_fails_with_a_clear_message(tmp_path):
-    proc = cli(str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--set", "train.epocs=1",
-               cwd=tmp_path, check=False)
+    proc = run_main("train", "--config", str(FCOS_CFG), "--set", "train.epocs=1")
     assert proc.returncode == 2 and "unknown key 'train.epocs'. Did you mean 'epochs'" in proc.stderr
 
 
@@ -197,16 +197,17 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
 
 def test_corrupt_checkpoint_is_named_and_auto_resume_falls_back(tmp_path):
     work = tmp_path / "work"
-    args = [str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cpu",
+    args = ["train", "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cpu",
             "--set", *tiny_fcos(tmp_path / "data", epochs=1), "train.eval_interval=10"]
-    cli(*args, cwd=tmp_path)
+    assert run_main(*args).returncode == 0
     data = (work / "latest.pth").read_bytes()
     (work / "latest.pth").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"latest\.pth is corrupt or truncated"):
         load_checkpoint(work / "latest.pth")
-    proc = cli(*args, "--resume", str(work / "latest.pth"), cwd=tmp_path, check=False)
+    proc = run_main(*args, "--resume", str(work / "latest.pth"))
     assert proc.returncode == 1 and "latest.pth is corrupt or truncated" in proc.stderr
-    proc = cli(*args[:-1], "train.eval_interval=10", "train.epochs=2", "--resume", cwd=tmp_path)
+    proc = run_main(*args[:-1], "train.eval_interval=10", "train.epochs=2", "--resume")
+    assert proc.returncode == 0, proc.stderr
     assert "falling back to" in proc.stderr and "epoch_1.pth" in proc.stderr
     assert load_checkpoint(work / "latest.pth")["epoch"] == 2
 
@@ -261,8 +262,8 @@ def test_ddp_two_gloo_processes(tmp_path):
 
 
 def test_eval_only_needs_weights(tmp_path):
-    proc = cli(str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir", str(tmp_path / "w"),
-               "--eval-only", "--device", "cpu", "--set", *tiny_fcos(tmp_path / "data"), cwd=tmp_path, check=False)
+    proc = run_main("train", "--config", str(FCOS_CFG), "--work-dir", str(tmp_path / "w"), "--eval-only", "--device",
+                    "cpu", "--set", *tiny_fcos(tmp_path / "data"))
     assert proc.returncode == 2 and "--eval-only needs weights" in proc.stderr
     shutil.rmtree(tmp_path / "w", ignore_errors=True)
 
@@ -329,8 +330,8 @@ def docs_hook_module(folder: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_cli_signal_then_resume_is_bit_identical_with_the_docs_hook(tmp_path, signum):
+def test_cli_signal_then_resume_is_bit_identical_with_the_docs_hook(tmp_path, signum=signal.SIGINT):
+    """Ctrl-C through the real CLI (SIGTERM takes the same path: tests/test_engine.py checks both)."""
     docs_hook_module(tmp_path)
     args = [str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--device", "cpu", "--set",
             *tiny_fcos(tmp_path / "data", epochs=2, images=16), "train.eval_interval=10", "imports=[my_hooks]",
@@ -360,11 +361,14 @@ def test_cli_signal_then_resume_is_bit_identical_with_the_docs_hook(tmp_path, si
     assert iters == list(range(1, 9))  # nothing replayed twice, nothing lost
 
 
-def test_resume_of_a_finished_run_says_so_and_exits_0(tmp_path):
-    args = [str(ROOT / "tools/train.py"), "--config", str(FCOS_CFG), "--work-dir", str(tmp_path / "w"), "--device",
-            "cpu", "--set", *tiny_fcos(tmp_path / "data", epochs=1, images=4), "train.eval_interval=10"]
-    cli(*args, cwd=tmp_path)
+def test_resume_of_a_finished_run_says_so_and_exits_0(tmp_path, capsys):
+    from detkit.cli import main
+
+    args = ["train", "--config", str(FCOS_CFG), "--work-dir", str(tmp_path / "w"), "--device", "cpu", "--set",
+            *tiny_fcos(tmp_path / "data", epochs=1, images=4), "train.eval_interval=10"]
+    assert main(args) == 0
     before = (tmp_path / "w/latest.pth").stat().st_mtime_ns
-    proc = cli(*args, "--resume", cwd=tmp_path)
-    assert "this run already finished (epoch 1 of train.epochs 1)" in proc.stderr
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert "this run already finished (epoch 1 of train.epochs 1)" in capsys.readouterr().err
     assert (tmp_path / "w/latest.pth").stat().st_mtime_ns == before
