@@ -41,7 +41,10 @@ def to_uint8_chw(image: ImageInput) -> Tensor:
     if isinstance(image, (str, os.PathLike)):
         return decode_rgb(Path(image))
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-        image = np.asarray(image.convert("RGB"))
+        if image.mode.startswith("I"):  # 16/32-bit integer: scale 16 bits to 8, as for files
+            image = (np.clip(np.asarray(image), 0, 65535).astype(np.uint32) >> 8).astype(np.uint8)
+        else:
+            image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise ValueError(f"numpy images must be uint8 (H, W, 3) or (H, W), got dtype {image.dtype}")
@@ -53,6 +56,9 @@ def to_uint8_chw(image: ImageInput) -> Tensor:
         if image.ndim != 3 or image.shape[0] not in (1, 3):
             raise ValueError(f"tensor images must be (3, H, W) or (1, H, W), got shape {tuple(image.shape)}")
         if image.is_floating_point():
+            if image.numel() and float(image.max()) > 1.0:
+                raise ValueError("float tensor images must be in 0..1 (torchvision's convention), got values up "
+                                 f"to {float(image.max()):.1f}: pass uint8 0..255, or divide by 255")
             image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
         elif image.dtype != torch.uint8:
             raise ValueError(f"tensor images must be uint8 (0..255) or float (0..1), got {image.dtype}")

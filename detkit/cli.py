@@ -241,6 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DatasetError, CheckpointError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # disk full, read-only folder, permissions: the path and the reason
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

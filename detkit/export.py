@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -123,3 +124,44 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo:
         tmp.unlink(missing_ok=True)
     return {"box_diff": float((boxes - ref[0]).abs().max()), "score_diff": float((scores - ref[1]).abs().max()),
             "same_labels": bool(torch.equal(labels, ref[2])), "mib": out.stat().st_size / 2 ** 20}
+
+
+def bench_export(config: str | Path, size: int = 512, repeat: int = 20, threads: int = 2) -> list[dict[str, Any]]:
+    """Latency of one ``size`` x ``size`` image on the CPU: PyTorch eager ``predict`` vs the same model
+    exported to ONNX and run by onnxruntime (both on ``threads`` threads; median of ``repeat``)."""
+    import statistics
+    import tempfile
+    import time
+
+    require("onnxruntime")
+    import onnxruntime
+
+    from detkit.config import load_config
+    from detkit.models import build_detector
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model = build_detector(load_config(config)["model"]).eval()
+    image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_onnx(model, Path(folder) / "m.onnx")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        runs = {"pytorch eager predict": lambda: model.predict(image),
+                "onnxruntime (CPU)": lambda: session.run(None, {"images": image.numpy()})}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        with torch.no_grad():
+            for _ in range(3):  # warm-up
+                for fn in runs.values():
+                    fn()
+            for _ in range(repeat):
+                for name, fn in runs.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+    torch.set_num_threads(previous)
+    eager = statistics.median(times["pytorch eager predict"])
+    return [{"runtime": name, "config": Path(config).stem, "size": size, "threads": threads,
+             "latency_ms": round(statistics.median(t) * 1e3, 1), "speedup_vs_eager": round(eager / statistics.median(t), 2)}
+            for name, t in times.items()]

@@ -80,6 +80,16 @@ def test_every_input_kind_gives_the_same_detections(tmp_path):
     assert outs[0]["boxes"][:, 2].max() <= 64 and outs[0]["boxes"][:, 3].max() <= 48
     with pytest.raises(ValueError, match="score_thr must lie in"):
         model.predict(path, score_thr=2)
+    with pytest.raises(ValueError, match=r"float tensor images must be in 0\.\.1"):
+        model.predict(tensor.float(), score_thr=0.0)  # 0..255 floats: refused, not clamped to white
+
+
+def test_sixteen_bit_pil_images_are_scaled_like_files():
+    from detkit.api import to_uint8_chw
+
+    values = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    image = to_uint8_chw(Image.fromarray(values))
+    assert image.shape == (3, 3, 4) and torch.equal(image[0], torch.from_numpy((values >> 8).astype(np.uint8)))
 
 
 def test_a_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path):

@@ -302,3 +302,15 @@ def test_unknown_writer_package_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_wandb)
     with pytest.raises(ConfigError, match=r"WandbWriter needs the 'wandb' package: pip install wandb"):
         build_writers([{"type": "WandbWriter"}], tmp_path, None, True)
+
+
+def test_dataloader_workers_leave_signals_to_the_main_process():
+    from detkit.data.loader import ignore_interrupts
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ignore_interrupts(0)  # what every worker runs first: a terminal's Ctrl-C reaches the whole group
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in before)
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

@@ -10,16 +10,10 @@ import torch
 from detkit.cli import main
 from detkit.config import load_config
 from detkit.engine import build_trainer, load_checkpoint, save_checkpoint
+from tests.cli_runner import tiny_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 FCOS_CFG = ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"
-
-
-def tiny(data: Path) -> list[str]:
-    return [f"data.train.root={data}", f"data.val.root={data}", "data.train.num_images=4", "data.val.num_images=2",
-            "data.train.image_size=64", "data.val.image_size=64", "data.batch_size=2", "data.num_workers=0",
-            "train.epochs=1", "train.eval_interval=10", "model.neck.out_channels=16", "model.head.feat_channels=16",
-            "model.head.num_convs=1"]
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +21,7 @@ def trained(tmp_path_factory) -> Path:
     """A finished 1-epoch run (model_final.pth, latest.pth...)."""
     root = tmp_path_factory.mktemp("run")
     assert main(["train", "--config", str(FCOS_CFG), "--work-dir", str(root / "work"), "--device", "cpu", "--set",
-                 *tiny(root / "data")]) == 0
+                 *tiny_shapes(root / "data")]) == 0
     return root
 
 
@@ -57,7 +51,7 @@ def test_unreadable_checkpoints_are_named_for_every_command(tmp_path, capsys, ma
 def test_resume_from_an_inference_checkpoint_says_what_to_do(trained, tmp_path, capsys):
     before = snapshot(trained / "work")
     assert main(["train", "--config", str(FCOS_CFG), "--work-dir", str(trained / "work"), "--device", "cpu",
-                 "--resume", str(trained / "work/model_final.pth"), "--set", *tiny(trained / "data"),
+                 "--resume", str(trained / "work/model_final.pth"), "--set", *tiny_shapes(trained / "data"),
                  "train.epochs=2"]) == 2
     err = capsys.readouterr().err
     assert "holds inference weights only" in err and "--load-from" in err
@@ -66,7 +60,7 @@ def test_resume_from_an_inference_checkpoint_says_what_to_do(trained, tmp_path, 
 
 def test_eval_only_without_a_checkpoint_is_an_error(tmp_path, capsys):
     assert main(["train", "--config", str(FCOS_CFG), "--work-dir", str(tmp_path / "w"), "--eval-only", "--resume",
-                 "--set", *tiny(tmp_path / "data")]) == 2
+                 "--set", *tiny_shapes(tmp_path / "data")]) == 2
     assert "no readable checkpoint in" in capsys.readouterr().err
 
 
@@ -74,7 +68,7 @@ def test_a_resumed_config_wins_and_another_optimizer_starts_fresh(trained, tmp_p
     work = tmp_path / "w"
     state = load_checkpoint(trained / "work/latest.pth")
     save_checkpoint(state, work / "latest.pth")
-    cfg = load_config(FCOS_CFG, tiny(trained / "data") + ["train.epochs=2", "optimizer={type: SGD, lr: 0.5}"])
+    cfg = load_config(FCOS_CFG, tiny_shapes(trained / "data") + ["train.epochs=2", "optimizer={type: SGD, lr: 0.5}"])
     trainer = build_trainer(cfg, work, device="cpu", resume="auto")
     trainer.train()
     assert "the checkpoint has no SGD state (it holds AdamW); starting a fresh optimizer" in capsys.readouterr().err
@@ -89,3 +83,22 @@ def test_weights_of_another_model_are_named(trained, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model_final.pth: its weights do not fit this config's model (CenterNet)" in err
     assert not (tmp_path / "e").exists()
+
+
+def test_resuming_an_early_stopped_run_says_it_finished(trained, tmp_path, capsys):
+    state = load_checkpoint(trained / "work/latest.pth")
+    state["stop_reason"] = "early stop after epoch 1: AP has not improved"
+    save_checkpoint(state, tmp_path / "w/latest.pth")
+    assert main(["train", "--config", str(FCOS_CFG), "--work-dir", str(tmp_path / "w"), "--device", "cpu",
+                 "--resume", "--set", *tiny_shapes(trained / "data"), "train.epochs=5"]) == 0
+    err = capsys.readouterr().err
+    assert "this run already finished (early stop after epoch 1" in err and "--load-from" in err
+
+
+def test_the_printed_resume_command_continues_from_the_work_dir():
+    from detkit.engine.runner import resume_command
+
+    for argv in (["tools/train.py", "--config", "a.yaml", "--resume", "w/epoch_2.pth", "--set", "x=1"],
+                 ["tools/train.py", "--config", "a.yaml", "--resume=w/epoch_2.pth", "--set", "x=1"],
+                 ["tools/train.py", "--config", "a.yaml", "--set", "x=1"]):
+        assert resume_command(argv).endswith("tools/train.py --config a.yaml --set x=1 --resume")

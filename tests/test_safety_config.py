@@ -8,15 +8,10 @@ from pathlib import Path
 import pytest
 
 from detkit.cli import main
+from tests.cli_runner import tiny_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 FCOS_CFG = ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"
-
-
-def tiny(data: Path) -> list[str]:
-    return [f"data.train.root={data}", f"data.val.root={data}", "data.train.num_images=4", "data.val.num_images=2",
-            "data.train.image_size=64", "data.val.image_size=64", "data.num_workers=0", "train.epochs=1",
-            "model.neck.out_channels=16", "model.head.feat_channels=16", "model.head.num_convs=1"]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -42,6 +37,8 @@ CASES = [
     ("train.amp=fp32", "train.amp must be one of null, bf16, fp16; got 'fp32'"),
     ("train.amp=fp16", "train.amp: fp16 needs CUDA"),
     ("train.accumulate=0", "train.accumulate must be a positive integer, got 0"),
+    ("train.best_metric=per_class", "train.best_metric must be one of AP, AP50, AP75, APs, APm, APl"),
+    ("train.early_stop={metric: loss}", "train.early_stop.metric must be one of AP, AP50"),
     ("train.early_stop={metric: AP, patience: 0}", "train.early_stop.patience must be a positive integer, got 0"),
     ("train.early_stop={metric: AP, patiense: 3}", "train.early_stop.patiense: unknown key. Did you mean 'patience'"),
     ("train.hooks=[{type: EMAHok}]", "train.hooks.0: unknown hooks type 'EMAHok'. Did you mean 'EMAHook'"),
@@ -70,7 +67,7 @@ CASES = [
 @pytest.mark.parametrize("override, message", CASES, ids=[c[0].split("=")[0] for c in CASES])
 def test_bad_values_are_named_and_nothing_is_written(tmp_path, capsys, override, message):
     fails(tmp_path, capsys, ["train", "--config", str(FCOS_CFG), "--work-dir", str(tmp_path / "work"), "--device",
-                             "cpu", "--set", *tiny(tmp_path / "data"), override], message)
+                             "cpu", "--set", *tiny_shapes(tmp_path / "data"), override], message)
 
 
 @pytest.mark.parametrize("text, message", [

@@ -15,6 +15,7 @@ import torch
 from detkit.cli import main
 from detkit.data import CocoDataset, DatasetError
 from detkit.data.coco import decode_rgb
+from tests.cli_runner import tiny_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,10 +78,8 @@ def test_an_image_too_large_for_memory_names_the_image_and_the_fix(tmp_path, mon
 def test_a_model_with_more_classes_than_the_data_warns_and_evaluates(tmp_path, capsys):
     data = tmp_path / "data"
     args = ["train", "--config", str(ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"), "--work-dir",
-            str(tmp_path / "w"), "--device", "cpu", "--set", f"data.train.root={data}", f"data.val.root={data}",
-            "data.train.num_images=4", "data.val.num_images=2", "data.train.image_size=64", "data.val.image_size=64",
-            "data.num_workers=0", "train.epochs=1", "model.neck.out_channels=16", "model.head.feat_channels=16",
-            "model.head.num_convs=1", "model.head.num_classes=6", "model.head.score_thr=0.0"]
+            str(tmp_path / "w"), "--device", "cpu", "--set", *tiny_shapes(data), "model.head.num_classes=6",
+            "model.head.score_thr=0.0"]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "the model has 6 classes but data.train has 4" in err

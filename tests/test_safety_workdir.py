@@ -19,22 +19,15 @@ from detkit.engine.checkpoint import (
 )
 from detkit.engine.workdir import WorkDirLock
 from detkit.registry import ConfigError
-from tests.cli_runner import run_main
+from tests.cli_runner import run_main, tiny_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 FCOS_CFG = ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"
 
 
-def tiny(data: Path) -> list[str]:
-    return [f"data.train.root={data}", f"data.val.root={data}", "data.train.num_images=4", "data.val.num_images=2",
-            "data.train.image_size=64", "data.val.image_size=64", "data.batch_size=4", "data.num_workers=0",
-            "train.epochs=1", "train.eval_interval=10", "model.neck.out_channels=16", "model.head.feat_channels=16",
-            "model.head.num_convs=1"]
-
-
 def train(tmp_path: Path, work: Path, *extra: str):
     return run_main("train", "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cpu", "--set",
-                    *tiny(tmp_path / "data"), *extra)
+                    *tiny_shapes(tmp_path / "data"), *extra)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -74,11 +67,13 @@ def test_leftover_temp_files_are_removed_and_resume_takes_the_most_iterations(tm
     save_checkpoint({"model": {}, "epoch": 2, "iter": 20}, work / "epoch_2.pth")
     save_checkpoint({"model": {}, "epoch": 1, "iter": 10}, work / "latest.pth")  # e.g. copied back by hand
     (work / ".latest.pth.abc123.tmp").write_bytes(b"half a checkpoint")  # a kill -9 during a save
+    from detkit.engine.checkpoint import remove_stale_temp_files
     from detkit.engine.runner import resume_state
 
     path, state = resume_state("auto", work)
     assert path.name == "epoch_2.pth" and state["iter"] == 20
-    assert not list(work.glob(".*.tmp"))
+    assert [p.name for p in remove_stale_temp_files(work)] == [".latest.pth.abc123.tmp"]  # run at every start,
+    assert not list(work.glob(".*.tmp"))  # once the work dir's lock is held
     assert find_resume_checkpoint(work)[0].name == "epoch_2.pth"
 
 

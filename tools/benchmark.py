@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amp", action="store_true", help="train step under bf16 autocast")
     p.add_argument("--compile", action="store_true", help="also time each detkit loss under torch.compile")
     p.add_argument("--sections", nargs="+", default=["losses", "assigners", "train_step", "loading"],
-                   choices=["losses", "assigners", "train_step", "loading", "epochs"])
+                   choices=["losses", "assigners", "train_step", "loading", "epochs", "export"])
     p.add_argument("--depths", type=int, nargs="+", default=[18, 50], help="ResNet depths for the train step")
     p.add_argument("--width", type=int, default=256, help="FPN / head width for the train step")
     p.add_argument("--bccd", default=str(BCCD), help="BCCD folder for the loading table (skipped if absent)")
@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         results["epochs"] = bench_epochs(configs, [*data, *args.epoch_set], str(device), args.epochs, args.rounds)
         print(bm.markdown(f"training epochs through the trainer ({' '.join(args.epoch_set) or 'as configured'})",
                           results["epochs"]), flush=True)
+    if "export" in args.sections:
+        from detkit.export import bench_export
+
+        results["export"] = bench_export(ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml", args.size, args.repeat)
+        print(bm.markdown(f"one {args.size}px image on the CPU: eager vs onnxruntime", results["export"]), flush=True)
     bm.write(Path(args.out), results)
     print(f"wrote {args.out}/benchmark.md and benchmark.json")
     return 0

@@ -38,6 +38,15 @@ def data_settings(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return s
 
 
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C / SIGTERM to the main process, which finishes the step and saves
+    (a terminal's Ctrl-C reaches the whole process group; a worker killed by it would end the run)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_dataset(spec: Mapping[str, Any], key: str | None = None) -> Dataset:
     """A dataset from ``{type: CocoDataset | ShapesDataset, ...}``."""
     import detkit.data.shapes  # noqa: F401  (registers the datasets)
@@ -69,4 +78,5 @@ def build_dataloader(data_cfg: Mapping[str, Any], split: str, seed: int = 0, ran
         num_workers=workers, collate_fn=partial(collate_detection, size_divisor=s["size_divisor"]),
         pin_memory=torch.cuda.is_available() if s["pin_memory"] is None else s["pin_memory"],
         persistent_workers=s["persistent_workers"] and workers > 0,
-        drop_last=train and s["drop_last"], generator=torch.Generator().manual_seed(seed + rank))
+        drop_last=train and s["drop_last"], generator=torch.Generator().manual_seed(seed + rank),
+        worker_init_fn=ignore_interrupts if workers > 0 else None)

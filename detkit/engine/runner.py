@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from detkit.config import dump_config
 from detkit.data import build_dataloader
 from detkit.data.loader import data_settings
-from detkit.distributed import get_rank, get_world_size, is_distributed
+from detkit.distributed import any_rank, get_rank, get_world_size, is_distributed
 from detkit.engine.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
@@ -84,7 +84,6 @@ def resume_state(resume: str | None, work_dir: Path) -> tuple[Path, dict[str, An
     if not resume:
         return None
     if resume == "auto":
-        remove_stale_temp_files(work_dir)
         found = find_resume_checkpoint(work_dir) if work_dir.is_dir() else None
         if found is None:
             logger.info("auto-resume: no checkpoint in %s, starting from scratch", work_dir)
@@ -123,6 +122,10 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
         logger.info("%s: this run already finished (epoch %d of train.epochs %d); nothing to train. To train "
                     "longer: --resume --set train.epochs=N", found[0], found[1]["epoch"], settings.epochs)
         return None
+    if found and found[1].get("stop_reason"):
+        logger.info("%s: this run already finished (%s); nothing to train. To go on from its weights: a new run "
+                    "with --load-from %s", found[0], found[1]["stop_reason"], found[0])
+        return None
     seed_everything(settings.seed + rank)
     model = build_detector(cfg["model"]).to(dev)
     if settings.sync_bn and is_distributed():
@@ -149,9 +152,18 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
         load_report = load_pretrained(model, str(cfg["load_from"]))
     hooks = build_hooks(cfg, settings, val_loader, model)
     # validated and built: from here on the work dir is written
-    lock = WorkDirLock(work_dir).acquire() if rank == 0 else None
-    if rank == 0 and not found and overwrite:
-        clear_previous_run(work_dir)
+    lock, refused = None, None
+    if rank == 0:
+        try:
+            lock = WorkDirLock(work_dir).acquire()
+        except ConfigError as err:
+            refused = err
+    if any_rank(torch.tensor(refused is not None)):  # every rank stops, not only rank 0
+        raise refused or ConfigError(f"{work_dir} is in use by another run (see rank 0's message)")
+    if rank == 0:
+        remove_stale_temp_files(work_dir)
+        if not found and overwrite:
+            clear_previous_run(work_dir)
     setup_logging(work_dir, rank)
     if rank == 0:
         dump_config(cfg, work_dir / "config.yaml")
@@ -168,10 +180,21 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
     return trainer
 
 
-def resume_command() -> str:
-    """The command line that continues this run: the same arguments with ``--resume``."""
-    args = [a for a in sys.argv[1:] if a != "--resume"]
-    return shlex.join([Path(sys.executable).name, sys.argv[0], *args, "--resume"])
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that continues this run: the same arguments, any ``--resume [CKPT]`` replaced by
+    ``--resume`` (the work dir's newest checkpoint, which the interrupt just saved)."""
+    argv = list(sys.argv if argv is None else argv)
+    args, skip = [], False
+    for i, arg in enumerate(argv[1:], 1):
+        if skip:
+            skip = False
+            continue
+        if arg == "--resume":
+            skip = i + 1 < len(argv) and not argv[i + 1].startswith("-")
+            continue
+        if not arg.startswith("--resume="):
+            args.append(arg)
+    return shlex.join([Path(sys.executable).name, argv[0], *args, "--resume"])
 
 
 def run_training(cfg: dict[str, Any], work_dir: Path, device: str | None = None, resume: str | None = None,

@@ -9,6 +9,8 @@ from typing import Any, Mapping
 from detkit.registry import ConfigError, check_keys
 
 AMP_MODES = (None, "bf16", "fp16")
+#: What an evaluation reports (COCO bbox); best_metric and early_stop.metric name one of them.
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 COMPILE_MODES = (False, True)
 
 
@@ -41,6 +43,8 @@ def _early_stop(value: Any) -> dict[str, Any] | None:
         raise ConfigError(f"train.early_stop must be null or {{metric: AP, patience: 5, min_delta: 0.0}}, got {value!r}")
     check_keys(value, ("metric", "patience", "min_delta", "mode"), "train.early_stop")
     spec = {"metric": "AP", "patience": 5, "min_delta": 0.0, "mode": "max", **value}
+    if spec["metric"] not in METRICS:
+        raise ConfigError(f"train.early_stop.metric must be one of {', '.join(METRICS)}, got {spec['metric']!r}")
     _positive_int("early_stop.patience", spec["patience"])
     if not isinstance(spec["min_delta"], (int, float)) or spec["min_delta"] < 0:
         raise ConfigError(f"train.early_stop.min_delta must be a number >= 0, got {spec['min_delta']!r}")
@@ -109,6 +113,8 @@ class TrainSettings:
         _positive_int("keep_checkpoints", self.keep_checkpoints, minimum=0)
         _positive_int("vis_images", self.vis_images, minimum=0)
         _positive_int("seed", self.seed, minimum=0)
+        if self.best_metric not in METRICS:
+            raise ConfigError(f"train.best_metric must be one of {', '.join(METRICS)}, got {self.best_metric!r}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"train.amp must be one of null, bf16, fp16; got {self.amp!r}")
         if self.compile not in COMPILE_MODES:

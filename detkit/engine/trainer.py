@@ -111,24 +111,25 @@ class Trainer:
             self._state = None
         try:
             with InterruptWatch() as watch:
-                while self.epoch < self.max_epochs and self.stop_reason is None:
-                    self.call("before_epoch")
-                    for batches in self.epoch_batches():
-                        self.call("before_step")
-                        self.run_step(batches)
-                        self.inner += 1
-                        self.call("after_step")
-                        if watch.check():
-                            raise TrainingInterrupted(watch.signum)
-                    self.epoch, self.inner = self.epoch + 1, 0
-                    self.call("after_epoch")
+                try:
+                    while self.epoch < self.max_epochs and self.stop_reason is None:
+                        self.call("before_epoch")
+                        for batches in self.epoch_batches():
+                            self.call("before_step")
+                            self.run_step(batches)
+                            self.inner += 1
+                            self.call("after_step")
+                            if watch.check():
+                                raise TrainingInterrupted(watch.signum)
+                        self.epoch, self.inner = self.epoch + 1, 0
+                        self.call("after_epoch")
+                except TrainingInterrupted as stop:
+                    self.stop_reason = stop.reason
+                    self.summary["interrupted"] = stop
+                    self.call("after_train")  # saves; still watched: a second signal exits at once
+                    raise
             self.summary["wall_time"] = time.time() - start
             self.call("after_train")
-        except TrainingInterrupted as stop:
-            self.stop_reason = stop.reason
-            self.summary["interrupted"] = stop
-            self.call("after_train")
-            raise
         finally:
             if self.lock is not None:  # the work dir is free for the next run
                 self.lock.release()
@@ -162,7 +163,8 @@ class Trainer:
                 total = sum(losses.values())
                 if not all_finite(total):
                     result.skipped = "non-finite loss"
-                    result.bad_terms = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+                    result.bad_terms = [k for k, v in losses.items() if not torch.isfinite(v).all()] or [
+                        "(on another rank)"]
                     result.losses = {k: v.detach() for k, v in losses.items()}
                     self.optimizer.zero_grad(set_to_none=True)
                     return
@@ -170,8 +172,10 @@ class Trainer:
             for k, v in losses.items():
                 result.losses[k] = result.losses.get(k, 0) + v.detach() / len(batches)
             result.total = (result.total if result.total is not None else 0) + total.detach() / len(batches)
+        self.sync_extra_grads()
         self.scaler.unscale_(self.optimizer)
-        result.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip or math.inf)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        result.grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or math.inf)
         if not self.scaler.is_enabled() and not all_finite(result.grad_norm):
             result.skipped, result.bad_terms = "non-finite gradient", ["(gradients)"]
             self.optimizer.zero_grad(set_to_none=True)
@@ -185,6 +189,18 @@ class Trainer:
         result.applied = True
         self.iter += 1
 
+    def sync_extra_grads(self) -> None:
+        """Average over ranks the gradients of optimizer parameters outside the DDP model (e.g. learned
+        loss weights), so that every rank takes the same step."""
+        if not is_distributed():
+            return
+        own = {id(p) for p in self.model.parameters()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in own and p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.world
+
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything a bit-identical resume needs; tensors and plain types only."""
@@ -194,7 +210,8 @@ class Trainer:
             "scaler": self.scaler.state_dict(), "epoch": self.epoch, "iter": self.iter, "inner": self.inner,
             "steps_per_epoch": self.steps_per_epoch, "accumulate": self.accumulate,
             "rng": all_gather_objects(rng_state()) if is_distributed() else [rng_state()],
-            "hooks": {h.name: h.state_dict() for h in self.hooks if h.state_dict()},
+            "hooks": {name: state for name, state in ((h.name, h.state_dict()) for h in self.hooks) if state},
+            "stop_reason": self.stop_reason if "interrupted" not in self.summary else None,
             "config": self.cfg, "classes": list(getattr(self.loader.dataset, "classes", [])),
             "cat_ids": list(getattr(self.loader.dataset, "cat_ids", [])),
         }

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 import torch
 import torchvision
-from torchvision.models import get_model_weights
+from torchvision.models import WeightsEnum, get_model_weights
 
 from detkit.registry import ConfigError
 
@@ -36,6 +36,8 @@ def weights_enum(name: str, key: str, model_name: str | None = None) -> Any:
         if enum is None:
             raise ConfigError(f"{key}: torchvision has no weights '{enum_name}' (e.g. ResNet50_Weights, "
                               f"FCOS_ResNet50_FPN_Weights)")
+    if not (isinstance(enum, type) and issubclass(enum, WeightsEnum)):
+        raise ConfigError(f"{key}: '{name}' is not a torchvision weights name (e.g. ResNet50_Weights.IMAGENET1K_V2)")
     try:
         return enum[member]
     except KeyError:
@@ -54,10 +56,8 @@ def download_state_dict(weights: Any, key: str) -> dict[str, torch.Tensor]:
     if not file.is_file():
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(file.with_name(file.name + ".partial")), progress=True)
-            os.replace(file.with_name(file.name + ".partial"), file)
+            torch.hub.download_url_to_file(url, str(file), progress=True)  # a temp file, then moved in place
         except Exception as err:  # offline, proxy, disk: one message with the way out
-            file.with_name(file.name + ".partial").unlink(missing_ok=True)
             raise ConfigError(f"{key}: cannot download {url} ({type(err).__name__}: {err}). Without a connection, put "
                               f"that file at {file} (set TORCH_HOME to use another cache folder)") from None
     try:

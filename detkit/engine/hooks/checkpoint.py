@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from detkit.distributed import barrier
+from detkit.distributed import any_rank
 from detkit.engine.checkpoint import (
+    CheckpointError,
     copy_checkpoint,
     inference_state,
     prune_epoch_checkpoints,
@@ -28,12 +29,17 @@ logger = logging.getLogger("detkit")
 def save_training_state(trainer: "Trainer", name: str) -> None:
     """Every rank builds the state (RNG states are gathered); rank 0 writes ``work_dir/name`` atomically."""
     state = trainer.state_dict()
+    bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:  # the weights are the same on every rank: all ranks raise together
+        raise NonFiniteLossError(f"refusing to save {name}: non-finite weights in {bad[:5]}")
+    error = None
     if trainer.is_main:
-        bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            raise NonFiniteLossError(f"refusing to save {name}: non-finite weights in {bad[:5]}")
-        save_checkpoint(state, trainer.work_dir / name)
-    barrier()
+        try:
+            save_checkpoint(state, trainer.work_dir / name)
+        except CheckpointError as err:
+            error = err
+    if any_rank(torch.tensor(error is not None)):
+        raise error or CheckpointError(f"rank 0 could not write {trainer.work_dir / name}")
 
 
 @HOOKS.register()

@@ -69,7 +69,8 @@ class LoggerHook(Hook):
         record: dict[str, Any] = {
             "epoch": trainer.epoch + 1, "iter": trainer.iter, "step": trainer.inner, "steps": trainer.steps_per_epoch,
             **means, "total": total, "lr": trainer.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(trainer.result.grad_norm), **trainer.result.extras, "time": per_step,
+            "grad_norm": float("nan") if trainer.result.grad_norm is None else float(trainer.result.grad_norm),
+            **trainer.result.extras, "time": per_step,
             "eta": format_eta(per_step * (trainer.total_steps - done)),
         }
         terms = " ".join(f"{k} {v:.3f}" for k, v in means.items())
