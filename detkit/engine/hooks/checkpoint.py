@@ -75,4 +75,4 @@ class CheckpointHook(Hook):
         files: dict[str, Any] = trainer.summary.setdefault("files", {})
         files.update({"latest": trainer.work_dir / "latest.pth"})
         if "interrupted" not in trainer.summary:
-            files["final"] = trainer.work_dir / "model_final.pth"
+            files["model_final"] = trainer.work_dir / "model_final.pth"
