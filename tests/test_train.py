@@ -133,12 +133,13 @@ def test_bad_override_fails_with_a_clear_message(tmp_path):
 
 
 class StopAfterFirstEpoch(Hook):
-    """Test-only: ends training cleanly after epoch 1 (the checkpoint hook saves it)."""
+    """Test-only: ends this process's training cleanly after epoch 1, as a shorter ``train.epochs`` run would
+    (the checkpoint hook saves epoch 1; the saved run is unfinished, so ``--resume`` continues it)."""
 
     priority = 1
 
     def after_epoch(self, trainer):
-        trainer.stop_reason = "test stop"
+        trainer.max_epochs = trainer.epoch
 
 
 @pytest.mark.parametrize("ema", [None, 0.99])

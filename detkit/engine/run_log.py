@@ -28,7 +28,6 @@ class _ConsoleFilter(logging.Filter):
 def setup_logging(work_dir: Path | None, rank: int) -> None:
     """Console + ``work_dir/log.txt`` for rank 0; warnings only from other ranks."""
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    logger.propagate = False
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
         handler.close()
