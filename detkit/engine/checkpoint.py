@@ -181,9 +181,9 @@ def inference_state(trainer: Any) -> dict[str, Any]:
             "epoch": trainer.epoch, "iter": trainer.iter, "inference_only": True}
 
 
-def load_model_weights(model: torch.nn.Module, weights: Mapping[str, Tensor], path: str | os.PathLike) -> None:
-    """``model.load_state_dict(weights)`` with one short :class:`CheckpointError` naming ``path`` when they
-    do not fit (another detector, class count or depth): counts and a few examples, no traceback."""
+def check_model_weights(model: torch.nn.Module, weights: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """One short :class:`CheckpointError` naming ``path`` when ``weights`` do not fit ``model`` (another
+    detector, class count or depth): counts and a few examples, no traceback. Loads nothing."""
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
@@ -196,4 +196,9 @@ def load_model_weights(model: torch.nn.Module, weights: Mapping[str, Tensor], pa
         raise CheckpointError(f"{path}: its weights do not fit this config's model ({type(model).__name__}): "
                               f"{'; '.join(p for p in parts if p)}. Use the config the checkpoint was trained with "
                               f"(it is stored in the checkpoint), or start from it with load_from to keep what fits.")
+
+
+def load_model_weights(model: torch.nn.Module, weights: Mapping[str, Tensor], path: str | os.PathLike) -> None:
+    """``model.load_state_dict(weights)`` after :func:`check_model_weights`."""
+    check_model_weights(model, weights, path)
     model.load_state_dict(weights)

@@ -20,6 +20,7 @@ from detkit.data import build_dataloader
 from detkit.data.loader import data_settings
 from detkit.distributed import any_rank, get_rank, get_world_size, is_distributed
 from detkit.engine.checkpoint import (
+    check_model_weights,
     find_resume_checkpoint,
     load_checkpoint,
     load_model_weights,
@@ -145,7 +146,7 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
         train_model.compile()
     load_report = None
     if found:
-        load_model_weights(model, found[1]["model"], found[0])  # a mismatch is named before anything is written
+        check_model_weights(model, found[1]["model"], found[0])  # named before anything is written; the trainer loads
         if cfg.get("load_from"):
             logger.info("resuming: load_from %s is not used (the resumed checkpoint holds the weights)", cfg["load_from"])
     elif cfg.get("load_from"):
