@@ -9,9 +9,10 @@ from torch import nn
 from detkit.losses.cross_entropy import CrossEntropyLoss
 from detkit.losses.focal import FocalLoss
 from detkit.losses.heatmap import GaussianFocalLoss
-from detkit.losses.iou import CIoULoss, DIoULoss, GIoULoss, IoULoss
+from detkit.losses.iou import CIoULoss, DIoULoss, EIoULoss, GIoULoss, IoULoss, SIoULoss
+from detkit.losses.quality import DistributionFocalLoss, QualityFocalLoss, VarifocalLoss
 from detkit.losses.reduce import WeightedLoss, weight_reduce_loss
-from detkit.losses.regression import L1Loss, SmoothL1Loss
+from detkit.losses.regression import BalancedL1Loss, L1Loss, MSELoss, SmoothL1Loss
 from detkit.losses.weights import CosineWeight, LinearWeight, WeightSchedule
 from detkit.registry import LOSSES
 
@@ -23,4 +24,6 @@ def build_loss(spec: Mapping[str, Any], key: str | None = None) -> nn.Module:
 
 __all__ = ["LOSSES", "build_loss", "WeightedLoss", "weight_reduce_loss", "FocalLoss",
            "CrossEntropyLoss", "SmoothL1Loss", "L1Loss", "IoULoss", "GIoULoss", "DIoULoss",
-           "CIoULoss", "GaussianFocalLoss", "WeightSchedule", "LinearWeight", "CosineWeight"]
+           "CIoULoss", "EIoULoss", "SIoULoss", "MSELoss", "BalancedL1Loss", "GaussianFocalLoss",
+           "QualityFocalLoss", "VarifocalLoss", "DistributionFocalLoss", "WeightSchedule", "LinearWeight",
+           "CosineWeight"]

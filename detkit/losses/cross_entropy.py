@@ -23,33 +23,43 @@ class CrossEntropyLoss(WeightedLoss):
             sigmoid: scales each class column.
         label_smoothing: softmax: as ``F.cross_entropy``; sigmoid: targets become
             ``y * (1 - s) + s / 2``.
-        ignore_index: targets equal to it contribute nothing and are not counted by ``mean``.
+        ignore_index: class-index targets equal to it contribute nothing (loss and gradient 0);
+            a call may pass its own (``loss(pred, target, ignore_index=255)``, as mmdetection).
+        avg_non_ignore: what ``mean`` divides by without ``avg_factor``. True (detkit's default):
+            the non-ignored targets only, as ``F.cross_entropy`` (softmax: their summed class
+            weights; sigmoid: their count times C); mmdetection's ``avg_non_ignore=True`` divides
+            by their count, the same value unless ``class_weight`` is set with the softmax.
+            False (mmdetection's default): every element, ignored ones included.
     Shapes: ``pred (N, C)`` or ``(..., C)`` logits; softmax ``target`` int64 ``(...,)``;
     sigmoid ``target`` int64 ``(...,)`` in ``0..C`` (``C`` = background) or float ``(..., C)``.
-    Elementwise loss: softmax ``(...,)``, sigmoid ``(..., C)``. Without ``avg_factor`` the
-    softmax ``mean`` divides by the summed class weights of non-ignored targets, exactly as
-    ``F.cross_entropy``; the sigmoid ``mean`` averages over non-ignored logits.
+    Elementwise loss: softmax ``(...,)``, sigmoid ``(..., C)``. Class indices other than
+    ``0..C-1`` and ``ignore_index`` (e.g. -1) read as background with the sigmoid, as in
+    ``FocalLoss`` (docs/losses.md, "Class-index targets"); the softmax rejects them.
     """
 
     kinds = frozenset({"classification", "score"})
 
     def __init__(self, use_sigmoid: bool = False, class_weight: Sequence[float] | None = None,
-                 label_smoothing: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
-                 loss_weight: float = 1.0) -> None:
+                 label_smoothing: float = 0.0, ignore_index: int = -100, avg_non_ignore: bool = True,
+                 reduction: str = "mean", loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
         self.use_sigmoid = bool(use_sigmoid)
         self.label_smoothing = float(label_smoothing)
         self.ignore_index = int(ignore_index)
+        self.avg_non_ignore = bool(avg_non_ignore)
         weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
         self.register_buffer("class_weight", weight, persistent=False)
 
-    def _valid(self, target: Tensor) -> Tensor | None:
-        return None if target.is_floating_point() else target != self.ignore_index
+    def _ignore_index(self, ignore_index: int | None) -> int:
+        return self.ignore_index if ignore_index is None else int(ignore_index)
 
-    def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
-        valid = self._valid(target)
+    def _valid(self, target: Tensor, ignore_index: int | None) -> Tensor | None:
+        return None if target.is_floating_point() else target != self._ignore_index(ignore_index)
+
+    def elementwise(self, pred: Tensor, target: Tensor, ignore_index: int | None = None) -> Tensor:
+        valid = self._valid(target, ignore_index)
         if self.use_sigmoid:
             dense = as_dense_target(pred, torch.where(valid, target, pred.shape[-1])
                                     if valid is not None else target)
@@ -61,13 +71,13 @@ class CrossEntropyLoss(WeightedLoss):
             raise ValueError("CrossEntropyLoss (softmax) takes int64 class-index targets; "
                              "use use_sigmoid: true for float targets")
         flat = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
-                               weight=self.class_weight, ignore_index=self.ignore_index,
+                               weight=self.class_weight, ignore_index=self._ignore_index(ignore_index),
                                label_smoothing=self.label_smoothing, reduction="none")
         return flat.reshape(target.shape)
 
-    def default_avg_factor(self, pred: Tensor, target: Tensor) -> Tensor | None:
-        valid = self._valid(target)
-        if valid is None:
+    def default_avg_factor(self, pred: Tensor, target: Tensor, ignore_index: int | None = None) -> Tensor | None:
+        valid = self._valid(target, ignore_index)
+        if valid is None or not self.avg_non_ignore:
             return None
         if self.use_sigmoid:
             return valid.sum() * pred.shape[-1]

@@ -59,7 +59,9 @@ class FocalLoss(WeightedLoss):
         alpha: positive/negative balance; ``None`` or negative disables it (torchvision's rule).
     Shapes: ``pred (..., C)`` logits; ``target`` either int64 ``(...,)`` in ``0..C`` where ``C``
     is background (all-zero row), or float ``(..., C)`` one-hot/soft. Elementwise loss ``(..., C)``;
-    ``weight`` ``(...,)`` scales whole rows, ``(..., C)`` single logits.
+    ``weight`` ``(...,)`` scales whole rows, ``(..., C)`` single logits. Any other class index
+    (-1 included) is background too, never ignored (docs/losses.md, "Class-index targets"); to
+    ignore a row, give it weight 0 (and leave it out of ``avg_factor``).
     """
 
     kinds = frozenset({"classification"})

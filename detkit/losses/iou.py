@@ -1,4 +1,4 @@
-"""IoU-family box losses on ``x1y1x2y2`` boxes: IoU (log/linear/square), GIoU, DIoU, CIoU.
+"""IoU-family box losses on ``x1y1x2y2`` boxes: IoU (log/linear/square), GIoU, DIoU, CIoU, EIoU, SIoU.
 
 Values equal ``torchvision.ops.{generalized,distance,complete}_box_iou_loss`` for valid boxes;
 unlike them, loss and gradient stay finite for zero-width/height and inverted boxes (widths are
@@ -45,14 +45,18 @@ def enclosing_box(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return w, h
 
 
+def center_offset(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Target centre minus predicted centre, ``(dx (...,), dy (...,))``."""
+    px1, py1, px2, py2 = _corners(pred)
+    tx1, ty1, tx2, ty2 = _corners(target)
+    return ((tx1 + tx2) - (px1 + px2)) / 2, ((ty1 + ty2) - (py1 + py2)) / 2
+
+
 def center_distance_ratio(pred: Tensor, target: Tensor, eps: float) -> Tensor:
     """DIoU penalty: squared centre distance over squared enclosing diagonal, ``(...,)``."""
     cw, ch = enclosing_box(pred, target)
-    diag = cw.pow(2) + ch.pow(2) + eps
-    px1, py1, px2, py2 = _corners(pred)
-    tx1, ty1, tx2, ty2 = _corners(target)
-    dist = ((px1 + px2) - (tx1 + tx2)).pow(2) / 4 + ((py1 + py2) - (ty1 + ty2)).pow(2) / 4
-    return dist / diag
+    dx, dy = center_offset(pred, target)
+    return (dx.pow(2) + dy.pow(2)) / (cw.pow(2) + ch.pow(2) + eps)
 
 
 class _BoxLoss(WeightedLoss):
@@ -140,3 +144,51 @@ class CIoULoss(_BoxLoss):
         with torch.no_grad():
             alpha = v / (1 - iou + v + self.eps)
         return diou + alpha * v
+
+
+@LOSSES.register()
+class EIoULoss(_BoxLoss):
+    """Efficient IoU loss (Zhang et al. 2021): DIoU ``+ (w - w_t)^2 / C_w^2 + (h - h_t)^2 / C_h^2``.
+
+    ``C_w, C_h``: width and height of the enclosing box. Not mmdetection's ``EIoULoss``, which is
+    the unrelated Extended-IoU loss of libfacedetection. Shapes as IoULoss.
+    """
+
+    def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        iou, _ = paired_iou(pred, target, self.eps)
+        cw, ch = enclosing_box(pred, target)
+        pw, ph = _wh(pred)
+        tw, th = _wh(target)
+        side = (pw - tw).pow(2) / (cw.pow(2) + self.eps) + (ph - th).pow(2) / (ch.pow(2) + self.eps)
+        return 1 - iou + center_distance_ratio(pred, target, self.eps) + side
+
+
+@LOSSES.register()
+class SIoULoss(_BoxLoss):
+    """SCYLLA-IoU loss (Gevorgyan 2022): ``1 - IoU + (distance + shape) / 2``.
+
+    Angle cost ``L = sin(2 a)``, ``a`` the angle of the centre offset ``(dx, dy)`` to the x axis:
+    the paper's ``cos(2 arcsin(min(|dx|, |dy|) / d) - pi/2)``, written ``2 |dx dy| / d^2``
+    (identical, without arcsin's unbounded gradient). Distance cost
+    ``sum_{x,y} 1 - exp(-(2 - L) (d_t / C_t)^2)`` over the enclosing box ``C_w, C_h``; shape cost
+    ``sum_{w,h} (1 - exp(-|w - w_t| / max(w, w_t)))^4``. Equals mmyolo's ``siou`` and
+    mmdetection's ``siou_loss(neg_gamma=True)`` (the paper's sign; mmdetection's default
+    ``neg_gamma=False`` flips it). Unlike both, the loss is not clamped to ``[0, 2]``, so far-apart
+    boxes keep their gradient. Shapes as IoULoss.
+    """
+
+    def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        iou, _ = paired_iou(pred, target, self.eps)
+        cw, ch = enclosing_box(pred, target)
+        dx, dy = center_offset(pred, target)
+        angle = 2 * (dx * dy).abs() / (dx.pow(2) + dy.pow(2) + self.eps)
+        gamma = 2 - angle
+        rho_x = dx.pow(2) / (cw.pow(2) + self.eps)
+        rho_y = dy.pow(2) / (ch.pow(2) + self.eps)
+        distance = 2 - torch.exp(-gamma * rho_x) - torch.exp(-gamma * rho_y)
+        pw, ph = _wh(pred)
+        tw, th = _wh(target)
+        omega_w = (pw - tw).abs() / torch.max(pw, tw).clamp(min=self.eps)
+        omega_h = (ph - th).abs() / torch.max(ph, th).clamp(min=self.eps)
+        shape = (1 - torch.exp(-omega_w)).pow(4) + (1 - torch.exp(-omega_h)).pow(4)
+        return 1 - iou + (distance + shape) / 2

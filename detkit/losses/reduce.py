@@ -51,15 +51,26 @@ def weight_reduce_loss(loss: Tensor, weight: Tensor | None = None, reduction: st
     return loss.mean()
 
 
+def float32_target(target: Any) -> Any:
+    """Floating tensors (also inside a tuple or list) as float32; integer ones unchanged."""
+    if isinstance(target, (tuple, list)):
+        return type(target)(float32_target(t) for t in target)
+    return target.float() if target.is_floating_point() else target
+
+
 class WeightedLoss(nn.Module):
     """Base class: subclasses compute an elementwise loss, this class weights and reduces it.
 
-    Call: ``loss(pred, target, weight=None, avg_factor=None, reduction_override=None)``.
+    Call: ``loss(pred, target, weight=None, avg_factor=None, reduction_override=None, **options)``.
     Inputs of any floating dtype are computed in float32 and the result is float32, so that
-    fp16/bf16 activations under autocast never underflow or overflow inside a loss.
+    fp16/bf16 activations under autocast never underflow or overflow inside a loss. ``target``
+    is a tensor or a tuple of tensors (``QualityFocalLoss``'s ``(labels, scores)``); ``options``
+    are a loss's own per-call keywords (``CrossEntropyLoss``'s ``ignore_index``), passed on to
+    :meth:`elementwise` and :meth:`default_avg_factor`.
     """
 
-    #: What the loss compares (``classification``, ``box``, ``regression``, ``score``, ``heatmap``):
+    #: What the loss compares (``classification``, ``quality``, ``box``, ``regression``,
+    #: ``distribution``, ``score``, ``heatmap``):
     #: heads refuse a loss of the wrong kind for a term. Empty: no check.
     kinds: frozenset[str] = frozenset()
 
@@ -77,22 +88,26 @@ class WeightedLoss(nn.Module):
         """The weight now: a constant, or the schedule's value at the current step."""
         return self._loss_weight if self.weight_schedule is None else float(self.weight_schedule)
 
-    def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
+    def elementwise(self, pred: Tensor, target: Any, **options: Any) -> Tensor:
         """Unreduced loss for float32 ``pred``; the shape a ``weight`` broadcasts against."""
         raise NotImplementedError
 
-    def default_avg_factor(self, pred: Tensor, target: Tensor) -> Tensor | None:
+    def default_avg_factor(self, pred: Tensor, target: Any, **options: Any) -> Tensor | None:
         """Normaliser used for ``mean`` when the caller gives no ``avg_factor`` (None: plain mean)."""
         return None
 
-    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
+    def reduction_for(self, reduction_override: str | None) -> str:
+        """The reduction of one call: ``reduction_override`` or the constructor's, checked."""
+        return _check_reduction(reduction_override or self.reduction, type(self).__name__)
+
+    def forward(self, pred: Tensor, target: Any, weight: Tensor | None = None,
                 avg_factor: float | Tensor | None = None,
-                reduction_override: str | None = None) -> Tensor:
-        reduction = _check_reduction(reduction_override or self.reduction, type(self).__name__)
-        target = target.float() if target.is_floating_point() else target
-        loss = self.elementwise(pred.float(), target)
+                reduction_override: str | None = None, **options: Any) -> Tensor:
+        reduction = self.reduction_for(reduction_override)
+        target = float32_target(target)
+        loss = self.elementwise(pred.float(), target, **options)
         if avg_factor is None and reduction == "mean":
-            avg_factor = self.default_avg_factor(pred, target)
+            avg_factor = self.default_avg_factor(pred, target, **options)
         return self.loss_weight * weight_reduce_loss(loss, weight, reduction, avg_factor)
 
     def extra_repr(self) -> str:

@@ -1,7 +1,8 @@
-"""Elementwise regression losses: smooth L1 (with OpenPCDet's per-code weights) and L1."""
+"""Elementwise regression losses: smooth L1 (with OpenPCDet's per-code weights), L1, MSE, balanced L1."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -78,3 +79,40 @@ class L1Loss(_CodeWeightedLoss):
 
     def distance(self, pred: Tensor, target: Tensor) -> Tensor:
         return F.l1_loss(pred, target, reduction="none")
+
+
+@LOSSES.register()
+class MSELoss(_CodeWeightedLoss):
+    """Squared error ``(pred - target)^2``. Shapes as L1Loss. Equals ``F.mse_loss`` and mmdetection's ``MSELoss``."""
+
+    def __init__(self, code_weights: Sequence[float] | None = None, reduction: str = "mean",
+                 loss_weight: float = 1.0) -> None:
+        super().__init__(code_weights, reduction, loss_weight)
+
+    def distance(self, pred: Tensor, target: Tensor) -> Tensor:
+        return F.mse_loss(pred, target, reduction="none")
+
+
+@LOSSES.register()
+class BalancedL1Loss(_CodeWeightedLoss):
+    """Libra R-CNN's balanced L1 on ``x = |pred - target|``, with ``b = e^(gamma / alpha) - 1``:
+
+    ``alpha / b (b x + 1) ln(b x / beta + 1) - alpha x`` if ``x < beta``, else
+    ``gamma x + gamma / b - alpha beta`` (continuous at ``x = beta = 1``). Shapes as L1Loss.
+    Equals mmdetection's ``balanced_l1_loss``.
+    """
+
+    def __init__(self, alpha: float = 0.5, gamma: float = 1.5, beta: float = 1.0,
+                 code_weights: Sequence[float] | None = None, reduction: str = "mean",
+                 loss_weight: float = 1.0) -> None:
+        super().__init__(code_weights, reduction, loss_weight)
+        if alpha <= 0 or beta <= 0:
+            raise ValueError(f"BalancedL1Loss: alpha and beta must be > 0, got alpha={alpha}, beta={beta}")
+        self.alpha, self.gamma, self.beta = float(alpha), float(gamma), float(beta)
+
+    def distance(self, pred: Tensor, target: Tensor) -> Tensor:
+        x = (pred - target).abs()
+        a, g, beta = self.alpha, self.gamma, self.beta
+        b = math.exp(g / a) - 1
+        inner = a / b * (b * x + 1) * torch.log1p(b * x / beta) - a * x
+        return torch.where(x < beta, inner, g * x + g / b - a * beta)

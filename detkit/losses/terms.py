@@ -25,8 +25,9 @@ class LossTerms(nn.Module):
     ``terms(name, pred, target, ...)`` returns ``{name: loss}`` for a single spec, and
     ``{f"{name}.{Type}": loss, ...}`` for a list, so that every part is logged on its own.
 
-    ``required`` maps each term to the loss kinds it takes (``classification``, ``box``,
-    ``regression``, ``score``, ``heatmap``): a loss whose ``kinds`` share none of them (a box term
+    ``required`` maps each term to the loss kinds it takes (``classification``: class-index or
+    float targets; ``quality``: ``(labels, scores)`` targets; ``box``; ``regression``;
+    ``distribution``: DFL bins; ``score``; ``heatmap``): a loss whose ``kinds`` share none of them (a box term
     given ``FocalLoss``) is a config error at build time. Losses without ``kinds`` (your own,
     unless you set it) are accepted anywhere.
     """
