@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from detkit.models.fcos import image_sizes_of
+from detkit.ops.nms import image_sizes_of
 from detkit.registry import ConfigError
 
 OUTPUT_NAMES = ["boxes", "scores", "labels"]

@@ -11,28 +11,35 @@ import torch
 from detkit.assigners import (
     CenterNetAssigner,
     FCOSAssigner,
-    fcos_points,
+    fcos_targets,
     gaussian_radius,
 )
+from detkit.ops import dense_points
 
 INF = 1e8
 
 
 def one_level(size: int = 4, stride: int = 8):
-    return fcos_points([(size, size)], [stride], torch.device("cpu"))
+    return dense_points([(size, size)], [stride], torch.device("cpu"))
 
 
-def assign(assigner, points, boxes, labels, num_classes=3):
-    pts, strides, levels = points
+def targets(assigner, priors, boxes, labels, mask, num_classes):
+    """FCOS's ``(labels, ltrb, centerness)`` targets from the assigner's result."""
+    assigned = assigner(priors, boxes, labels, mask, num_classes)
+    return (assigned.labels, *fcos_targets(priors.points, assigned))
+
+
+def assign(assigner, priors, boxes, labels, num_classes=3):
     b = torch.tensor(boxes, dtype=torch.float32).reshape(1, -1, 4)
     lab = torch.tensor(labels).reshape(1, -1)
-    return assigner(pts, strides, levels, b, lab, torch.ones_like(lab, dtype=torch.bool), num_classes)
+    return targets(assigner, priors, b, lab, torch.ones_like(lab, dtype=torch.bool), num_classes)
 
 
 def test_points_are_cell_centres_row_major():
-    pts, strides, levels = fcos_points([(2, 3), (1, 2)], [8, 16], torch.device("cpu"))
+    pts, strides, levels, sizes = dense_points([(2, 3), (1, 2)], [8, 16], torch.device("cpu"))
     assert pts.tolist() == [[4, 4], [12, 4], [20, 4], [4, 12], [12, 12], [20, 12], [8, 8], [24, 8]]
     assert strides.tolist() == [8] * 6 + [16] * 2 and levels.tolist() == [0] * 6 + [1] * 2
+    assert sizes == ((2, 3), (1, 2))
 
 
 def test_point_in_two_boxes_takes_the_smaller():
@@ -113,11 +120,12 @@ def random_boxes(batch: int, num: int, size: float, seed: int) -> tuple[torch.Te
 def test_batched_fcos_equals_per_image_reference(center_sampling):
     strides = [8, 16, 32]
     ranges = [(-1, 24), (24, 48), (48, INF)]
-    points, pstr, levels = fcos_points([(12, 12), (6, 6), (3, 3)], strides, torch.device("cpu"))
+    priors = dense_points([(12, 12), (6, 6), (3, 3)], strides, torch.device("cpu"))
+    points, pstr, levels, _ = priors
     boxes, labels = random_boxes(3, 7, 96, seed=1)
     a = FCOSAssigner(strides, ranges, center_sampling=center_sampling, center_sample_radius=1.5)
     mask = torch.ones(3, 7, dtype=torch.bool)
-    got = a(points, pstr, levels, boxes, labels, mask, 5)
+    got = targets(a, priors, boxes, labels, mask, 5)
     ref = reference_fcos(points, pstr, levels, boxes, labels, ranges, 5, center_sampling, 1.5)
     assert torch.equal(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1])
@@ -128,18 +136,19 @@ def test_batched_fcos_equals_per_image_reference(center_sampling):
 
 def test_padding_mask_chunking_and_empty_gt():
     strides = [8, 16]
-    points, pstr, levels = fcos_points([(8, 8), (4, 4)], strides, torch.device("cpu"))
+    priors = dense_points([(8, 8), (4, 4)], strides, torch.device("cpu"))
+    points, pstr, levels, _ = priors
     boxes, labels = random_boxes(2, 5, 64, seed=2)
     mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
     a = FCOSAssigner(strides, [(-1, 32), (32, INF)])
-    full = a(points, pstr, levels, boxes, labels, mask, 5)
+    full = targets(a, priors, boxes, labels, mask, 5)
     ref = reference_fcos(points, pstr, levels, [boxes[0], boxes[1, :2]], [labels[0], labels[1, :2]],
                          [(-1, 32), (32, INF)], 5, True, 1.5)
     assert torch.equal(full[0], ref[0])
     small = FCOSAssigner(strides, [(-1, 32), (32, INF)], max_elements=16)  # many point chunks
-    for x, y in zip(full, small(points, pstr, levels, boxes, labels, mask, 5)):
+    for x, y in zip(full, targets(small, priors, boxes, labels, mask, 5)):
         assert torch.equal(x, y)
-    empty = a(points, pstr, levels, boxes, labels, torch.zeros_like(mask), 5)
+    empty = targets(a, priors, boxes, labels, torch.zeros_like(mask), 5)
     assert (empty[0] == 5).all() and (empty[1] == 0).all() and (empty[2] == 0).all()
 
 

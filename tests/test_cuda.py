@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import detkit
-from detkit.assigners import CenterNetAssigner, FCOSAssigner, fcos_points
+from detkit.assigners import CenterNetAssigner, FCOSAssigner
+from detkit.ops import dense_points
 from detkit.models import build_detector
 from tests.test_models import batch, tiny_centernet, tiny_fcos
 
@@ -44,8 +45,8 @@ def test_assigners_on_cuda_equal_cpu():
     mask = torch.rand(4, 9, generator=g) > 0.2
     a = FCOSAssigner([8, 16, 32], [(-1, 64), (64, 128), (128, 1e8)])
     for device in ("cpu", "cuda"):
-        pts = fcos_points([(40, 40), (20, 20), (10, 10)], [8, 16, 32], torch.device(device))
-        out = a(*pts, boxes.to(device), labels.to(device), mask.to(device), 5)
+        priors = dense_points([(40, 40), (20, 20), (10, 10)], [8, 16, 32], torch.device(device))
+        out = a(priors, boxes.to(device), labels.to(device), mask.to(device), 5)
         if device == "cpu":
             ref = out
     for x, y in zip(ref, out):

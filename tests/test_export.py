@@ -22,12 +22,15 @@ CONFIGS = {
                                                               "model.head.num_convs=1"]),
     "centernet": (ROOT / "configs/centernet/centernet_r18_shapes.yaml", ["model.neck.channels=[32,32,32]",
                                                                          "model.head.feat_channels=32"]),
+    "gfl": (ROOT / "configs/gfl/gfl_r18_fpn_shapes.yaml", ["model.neck.out_channels=32", "model.head.feat_channels=32",
+                                                           "model.head.num_convs=1"]),
 }
 SIZES = [(128, 128), (96, 160), (100, 150)]
 
 
 def spread_model(name: str) -> torch.nn.Module:
-    """A detector whose head weights spread the scores (no exact ties: the order of detections is defined)."""
+    """A detector whose head weights spread the scores (no exact ties: the order of detections is defined)
+    and whose classifier starts at even odds (scores above ``score_thr``: detections to compare)."""
     torch.manual_seed(0)
     cfg_path, overrides = CONFIGS[name]
     model = build_detector(load_config(cfg_path, overrides)["model"]).eval()
@@ -35,6 +38,8 @@ def spread_model(name: str) -> torch.nn.Module:
         for module in model.head.modules():
             if isinstance(module, torch.nn.Conv2d):
                 module.weight.normal_(0, 0.05)
+                if module.bias is not None:
+                    module.bias.zero_()
     return model
 
 
@@ -53,7 +58,7 @@ def assert_same_detections(exported: tuple, reference: dict) -> None:
     assert box_diff <= 0.5 and score_diff <= 1e-3
 
 
-@pytest.mark.parametrize("name", ["fcos", "centernet"])
+@pytest.mark.parametrize("name", ["fcos", "centernet", "gfl"])
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_exported_model_matches_pytorch_on_three_sizes(tmp_path, name, fmt):
     model = spread_model(name)

@@ -46,7 +46,9 @@ class CenterNetAssigner:
 
     Args:
         stride: output stride of the heatmap. min_overlap: CornerNet's IoU for the radius.
-        radius_formula: ``corrected`` (default) or ``cornernet`` (original, for published numbers).
+        radius_formula: ``corrected`` (default) or ``cornernet``: CenterNet's own targets, for its published
+            numbers: its radius formula, of ``ceil(h), ceil(w)``, with boxes first clipped to
+            ``[0, W - 1] x [0, H - 1]`` of the output map (``ctdet.py``), which also clips wh and centres.
         max_elements: objects x window cells computed per chunk.
     """
 
@@ -72,13 +74,17 @@ class CenterNetAssigner:
         height, width = map_size
         batch, num_gt = gt_labels.shape
         boxes = gt_boxes / self.stride
+        cornernet = self.radius_formula == "cornernet"
+        if cornernet:  # CenterNet's ctdet.py clips boxes to the last cell: [0, W - 1] x [0, H - 1]
+            boxes = torch.min(boxes.clamp(min=0), boxes.new_tensor([width - 1, height - 1] * 2))
         center = (boxes[..., :2] + boxes[..., 2:]) / 2
         center_int = center.floor()
         wh = boxes[..., 2:] - boxes[..., :2]
         inside = (center_int[..., 0] >= 0) & (center_int[..., 0] < width) & \
                  (center_int[..., 1] >= 0) & (center_int[..., 1] < height)
         mask = gt_mask & inside & (wh > 0).all(-1)
-        radius = gaussian_radius(wh[..., 1], wh[..., 0], self.min_overlap, self.radius_formula).floor().clamp(min=0)
+        size = wh.ceil() if cornernet else wh  # and it takes the radius of ceil(h), ceil(w)
+        radius = gaussian_radius(size[..., 1], size[..., 0], self.min_overlap, self.radius_formula).floor().clamp(min=0)
         radius = torch.where(mask, radius, torch.zeros_like(radius))
         sigma = (2 * radius + 1) / 6
         heat = torch.zeros(batch, num_classes * height * width, device=gt_boxes.device)

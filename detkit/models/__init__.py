@@ -10,15 +10,16 @@ from detkit.models.backbones import ResNet
 from detkit.models.centernet import CenterNet, CenterNetHead
 from detkit.models.detector import Detector
 from detkit.models.fcos import FCOS, FCOSHead
+from detkit.models.gfl import GFL, GFLHead
 from detkit.models.necks import FPN, CenterNetNeck
 from detkit.models.torchvision_fcos import TorchvisionFCOS
 from detkit.registry import DETECTORS
 
 
 def build_detector(spec: Mapping[str, Any]) -> nn.Module:
-    """A detector from the ``model`` section of a config (``{type: FCOS | CenterNet, ...}``)."""
+    """A detector from the ``model`` section of a config (``{type: FCOS | GFL | CenterNet, ...}``)."""
     return DETECTORS.build(spec, "model")
 
 
 __all__ = ["build_detector", "Detector", "FCOS", "FCOSHead", "CenterNet", "CenterNetHead", "ResNet", "FPN",
-           "CenterNetNeck", "TorchvisionFCOS"]
+           "CenterNetNeck", "TorchvisionFCOS", "GFL", "GFLHead"]

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
 from detkit.models.detector import Detector
-from detkit.models.fcos import clip_boxes, topk_min
+from detkit.models.head import DetectionHead
+from detkit.ops.nms import topk_min
 from detkit.registry import ASSIGNERS, DETECTORS, HEADS, positive_int
 
 #: The loss kinds each CenterNet term takes.
@@ -36,20 +37,22 @@ def gather_cells(maps: Tensor, index: Tensor) -> Tensor:
 
 
 @HEADS.register()
-class CenterNetHead(nn.Module):
+class CenterNetHead(DetectionHead):
     """Heatmap (C), wh (2) and offset (2) branches on one stride-``stride`` map.
 
     Args:
         num_classes: C. in_channels: neck width (given by the detector). feat_channels: branch width.
         stride: output stride (4). heatmap_bias: initial heatmap logit (-2.19 = prior 0.1, as CenterNet).
         assigner: assigner spec (stride filled in). losses: ``{heatmap, wh, offset}`` specs.
-        topk, score_thr: inference (peaks kept per image, minimum score).
+        topk, score_thr: inference (peaks kept per image, minimum score). nms_iou: class-aware NMS of
+            the peaks at this IoU (null: none, CenterNet's own decoding; the 3x3 peak test is its NMS).
     Forward: ``[(B, in_channels, H, W)]`` -> ``(heatmap (B, C, H, W) logits, wh (B, 2, H, W), offset (B, 2, H, W))``.
     """
 
     def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 64, stride: int = 4,
                  heatmap_bias: float = -2.19, assigner: Mapping[str, Any] | None = None,
-                 losses: Mapping[str, Any] | None = None, topk: int = 100, score_thr: float = 0.01) -> None:
+                 losses: Mapping[str, Any] | None = None, topk: int = 100, score_thr: float = 0.01,
+                 nms_iou: float | None = None) -> None:
         super().__init__()
         self.num_classes = positive_int(num_classes, "num_classes")
         self.stride = int(stride)
@@ -63,7 +66,8 @@ class CenterNetHead(nn.Module):
         self.assigner = ASSIGNERS.build(dict(assigner or {"type": "CenterNetAssigner"}), "assigner",
                                         stride=self.stride)
         self.losses = LossTerms(losses if losses is not None else CENTERNET_LOSSES, CENTERNET_TERMS)
-        self.topk, self.score_thr = topk, score_thr
+        self.topk, self.score_thr = positive_int(topk, "topk"), score_thr
+        self.nms_iou, self.max_per_img = nms_iou, self.topk
 
     def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         x = feats[-1]
@@ -84,8 +88,8 @@ class CenterNetHead(nn.Module):
         }
 
     @torch.no_grad()
-    def decode(self, outputs: tuple[Tensor, Tensor, Tensor], image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-k 3x3 peaks per image -> dense ``boxes (B, K, 4)`` (clipped), ``scores (B, K)``, ``labels (B, K)``."""
+    def decode(self, outputs: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k 3x3 peaks per image -> dense ``boxes (B, K, 4)`` input pixels, ``scores (B, K)``, ``labels (B, K)``."""
         heatmap, wh, offset = outputs
         height, width = heatmap.shape[-2:]
         heat = heatmap.float().sigmoid()
@@ -99,25 +103,7 @@ class CenterNetHead(nn.Module):
         cx = ((cell - row * width).float() + shift[..., 0]) * self.stride
         cy = (row.float() + shift[..., 1]) * self.stride
         half_w, half_h = size[..., 0] * self.stride / 2, size[..., 1] * self.stride / 2
-        boxes = clip_boxes(torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1), image_sizes)
-        return boxes, scores, labels
-
-    @torch.no_grad()
-    def predict(self, outputs: tuple[Tensor, Tensor, Tensor], image_sizes: Tensor) -> list[dict[str, Tensor]]:
-        """Top-k 3x3 peaks of the heatmap per image, decoded to boxes in input pixels."""
-        boxes, scores, labels = self.decode(outputs, image_sizes)
-        keep = scores > self.score_thr
-        return [{"boxes": boxes[i][keep[i]], "scores": scores[i][keep[i]], "labels": labels[i][keep[i]]}
-                for i in range(boxes.shape[0])]
-
-    @torch.no_grad()
-    def predict_padded(self, outputs: tuple[Tensor, Tensor, Tensor], image_sizes: Tensor
-                       ) -> tuple[Tensor, Tensor, Tensor]:
-        """``predict`` as fixed-size ``(B, K)`` tensors: below ``score_thr`` -> box 0, score 0, label -1."""
-        boxes, scores, labels = self.decode(outputs, image_sizes)
-        keep = scores > self.score_thr
-        return (torch.where(keep.unsqueeze(-1), boxes, torch.zeros_like(boxes)),
-                torch.where(keep, scores, torch.zeros_like(scores)), torch.where(keep, labels, torch.full_like(labels, -1)))
+        return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1), scores, labels
 
 
 @DETECTORS.register()

@@ -1,0 +1,65 @@
+"""ATSS: adaptive training sample selection (Zhang et al., CVPR 2020), batched over images and GTs."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from detkit.assigners.base import AssignResult, DenseAssigner, gather_assigned
+from detkit.ops.boxes import aligned_box_iou, bbox2distance
+from detkit.ops.priors import Priors
+from detkit.registry import ASSIGNERS, positive_int
+
+#: A candidate's centre must lie this many pixels inside its GT box (mmdetection's 0.01).
+INSIDE_EPS = 0.01
+
+
+@ASSIGNERS.register()
+class ATSSAssigner(DenseAssigner):
+    """For each GT: on every level the ``topk`` priors closest to its centre are candidates; those
+    whose IoU with it reaches ``mean + std`` of the candidates' IoUs, and whose centre lies inside
+    it, are positives. A prior positive for several GTs takes the one of highest IoU (ties: the
+    first). IoUs are those of each prior's square anchor, side ``anchor_scale * stride`` (8, the
+    paper's and mmdetection's ``octave_base_scale``), centred on the point.
+
+    Everything is one computation over ``(B, P, G)`` (images, priors, padded GTs): the only loop is
+    over FPN levels, for the per-level top-k.
+
+    Args:
+        strides: the head's strides (given by the head). topk: candidates per level and GT.
+        anchor_scale: anchor side in strides.
+    """
+
+    def __init__(self, strides: Sequence[int], topk: int = 9, anchor_scale: float = 8.0) -> None:
+        super().__init__(strides)
+        self.topk = positive_int(topk, "topk")
+        self.anchor_scale = float(anchor_scale)
+
+    def anchors(self, priors: Priors) -> Tensor:
+        """``(P, 4)`` square anchors of side ``anchor_scale * stride`` centred on the points."""
+        half = (priors.strides * self.anchor_scale / 2).unsqueeze(-1)
+        return torch.cat([priors.points - half, priors.points + half], dim=-1)
+
+    @torch.no_grad()
+    def __call__(self, priors: Priors, gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor, num_classes: int,
+                 preds: Mapping[str, Any] | None = None) -> AssignResult:
+        """Targets for ``priors`` given GT ``boxes (B, G, 4)``, ``labels (B, G)``, ``mask (B, G)``."""
+        batch, num_gt = gt_labels.shape
+        points = priors.points
+        centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (B, G, 2)
+        distance = (points.view(1, -1, 1, 2) - centres.unsqueeze(1)).pow(2).sum(-1)  # (B, P, G), squared
+        candidates = torch.cat([
+            distance[:, level].topk(min(self.topk, level.stop - level.start), dim=1, largest=False).indices
+            + level.start for level in priors.level_slices()], dim=1)  # (B, K, G) prior indices
+        anchors = self.anchors(priors)[candidates]  # (B, K, G, 4)
+        boxes = gt_boxes.unsqueeze(1)  # (B, 1, G, 4)
+        iou = aligned_box_iou(anchors, boxes)  # (B, K, G)
+        threshold = iou.mean(1, keepdim=True) + iou.std(1, keepdim=True)
+        inside = bbox2distance(points[candidates], boxes).amin(-1) > INSIDE_EPS
+        chosen = (iou >= threshold) & inside & gt_mask.unsqueeze(1)
+        overlaps = torch.full((batch, len(points), num_gt), -1.0, device=points.device)
+        overlaps.scatter_(1, candidates, torch.where(chosen, iou, torch.full_like(iou, -1.0)))
+        best, index = overlaps.max(dim=2)  # (B, P)
+        return gather_assigned(index, best >= 0, gt_boxes, gt_labels, num_classes)

@@ -1,0 +1,113 @@
+"""GFL: Generalized Focal Loss detector (Li et al., NeurIPS 2020), head and detector.
+
+The classifier predicts a joint class-and-localisation-quality score (trained with Quality Focal
+Loss against the IoU of the predicted box), and each box side is a distribution over ``reg_max + 1``
+bins (trained with Distribution Focal Loss, plus GIoU on its expected value). ATSS assignment.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from detkit.distributed import reduce_mean
+from detkit.losses.terms import LossTerms
+from detkit.models.dense_head import DenseHead, flatten_levels, gather_points
+from detkit.models.detector import Detector
+from detkit.ops.boxes import aligned_box_iou, bbox2distance, distance2bbox
+from detkit.registry import DETECTORS, HEADS, positive_int
+
+#: The loss kinds each GFL term takes: the cls term takes a (labels, IoU) quality target.
+GFL_TERMS = {"cls": ("quality",), "bbox": ("box",), "dfl": ("distribution",)}
+GFL_LOSSES = {
+    "cls": {"type": "QualityFocalLoss", "beta": 2.0, "loss_weight": 1.0},
+    "bbox": {"type": "GIoULoss", "loss_weight": 2.0},
+    "dfl": {"type": "DistributionFocalLoss", "loss_weight": 0.25},
+}
+#: DFL targets stop this far below ``reg_max`` (mmdetection's ``bbox2distance`` clamp).
+DFL_MARGIN = 0.01
+
+
+def integral(distribution: Tensor, reg_max: int) -> Tensor:
+    """Logits ``(..., 4 * (reg_max + 1))`` -> expected distance per side ``(..., 4)`` in bin units."""
+    probs = F.softmax(distribution.reshape(*distribution.shape[:-1], 4, reg_max + 1).float(), dim=-1)
+    return probs @ torch.arange(reg_max + 1, device=probs.device, dtype=probs.dtype)
+
+
+@HEADS.register()
+class GFLHead(DenseHead):
+    """GFL head: the towers of :class:`DenseHead`, a quality-aware classifier and a distribution per box side.
+
+    Args (besides :class:`DenseHead`'s):
+        reg_max: bins ``0..reg_max`` per side, in strides (16: sides up to 16 strides).
+        prior_prob: initial foreground probability of the classifier bias.
+        assigner: default ``{type: ATSSAssigner, topk: 9}``.
+        losses: ``{cls, bbox, dfl}``: cls a quality loss (QualityFocalLoss or VarifocalLoss) taking
+            ``(labels, IoU)``; bbox a box loss on the decoded boxes (stride units); dfl
+            DistributionFocalLoss. bbox and dfl are weighted per point by its predicted score and
+            normalised by the sum of those weights, as in the paper.
+    Forward: FPN maps -> ``(cls (B, C, H_l, W_l), distribution (B, 4 (reg_max + 1), H_l, W_l))`` lists.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256, num_convs: int = 4,
+                 strides: Sequence[int] = (8, 16, 32, 64, 128), norm: str | None = "GN", reg_max: int = 16,
+                 prior_prob: float = 0.01, assigner: Mapping[str, Any] | None = None,
+                 losses: Mapping[str, Any] | None = None, score_thr: float = 0.05, nms_pre: int = 1000,
+                 nms_iou: float = 0.6, max_per_img: int = 100, conv_bias: bool | None = None,
+                 point_offset: float = 0.5) -> None:
+        super().__init__(num_classes, in_channels, feat_channels, num_convs, strides, norm, conv_bias,
+                         assigner or {"type": "ATSSAssigner", "topk": 9}, score_thr, nms_pre, nms_iou, max_per_img,
+                         point_offset)
+        self.reg_max = positive_int(reg_max, "reg_max")
+        self.cls_out = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
+        self.reg_out = nn.Conv2d(feat_channels, 4 * (self.reg_max + 1), 3, padding=1)
+        self.init_weights(self.cls_out, prior_prob)
+        self.losses = LossTerms(losses if losses is not None else GFL_LOSSES, GFL_TERMS)
+
+    def forward_level(self, cls_feat: Tensor, reg_feat: Tensor, scale: nn.Module) -> tuple[Tensor, Tensor]:
+        return self.cls_out(cls_feat), scale(self.reg_out(reg_feat)).float()
+
+    def loss(self, outputs: tuple[list[Tensor], list[Tensor]], gt_boxes: Tensor, gt_labels: Tensor,
+             gt_mask: Tensor) -> dict[str, Tensor]:
+        """Weighted loss terms for padded GT ``boxes (B, G, 4)``, ``labels (B, G)``, ``mask (B, G)``."""
+        cls_scores, distributions = outputs
+        priors = self.priors(cls_scores)
+        assigned = self.assigner(priors, gt_boxes, gt_labels, gt_mask, self.num_classes)
+        positive = assigned.positive  # (B, P)
+        cls = flatten_levels(cls_scores)  # (B, P, C)
+        dist = flatten_levels(distributions)  # (B, P, 4 (n + 1))
+        stride = priors.strides.view(-1, 1)
+        points = priors.points / stride  # (P, 2), stride units: every level's boxes on one scale
+        pred_boxes = distance2bbox(points, integral(dist, self.reg_max))  # (B, P, 4)
+        target_boxes = assigned.boxes / stride
+        zero = torch.zeros_like(positive, dtype=torch.float32)
+        quality = torch.where(positive, aligned_box_iou(pred_boxes.detach(), target_boxes), zero)
+        weight = torch.where(positive, cls.detach().float().sigmoid().amax(-1), zero)
+        num_pos = reduce_mean(positive.sum().float()).clamp(min=1.0)
+        weight_sum = reduce_mean(weight.sum()).clamp(min=1.0)
+        side_targets = bbox2distance(points, target_boxes).clamp(0, self.reg_max - DFL_MARGIN)  # (B, P, 4)
+        batch, num_points = positive.shape
+        # Box and DFL terms run over every point with zero weight on negatives: no boolean indexing,
+        # so no host sync and static shapes for torch.compile.
+        return {
+            **self.losses("cls", cls, (assigned.labels, quality), avg_factor=num_pos),
+            **self.losses("bbox", pred_boxes, target_boxes, weight=weight, avg_factor=weight_sum),
+            **self.losses("dfl", dist.reshape(batch, num_points * 4, self.reg_max + 1),
+                          side_targets.reshape(batch, num_points * 4), weight=weight.repeat_interleave(4, dim=1),
+                          avg_factor=4 * weight_sum),
+        }
+
+    def level_scores(self, maps: tuple[Tensor, ...]) -> Tensor:
+        return maps[0].float().sigmoid()
+
+    def level_distances(self, maps: tuple[Tensor, ...], point: Tensor, stride: int) -> Tensor:
+        return integral(gather_points(maps[1], point), self.reg_max) * stride
+
+
+@DETECTORS.register()
+class GFL(Detector):
+    """GFL detector: ``backbone -> neck (FPN) -> GFLHead``."""
+
