@@ -1,10 +1,12 @@
-"""Datasets (COCO json, synthetic shapes), transforms, collate and loaders."""
+"""Datasets (COCO json, Pascal VOC xml, YOLO txt, synthetic shapes), transforms, collate and loaders."""
 
 from detkit.data.coco import CocoDataset, DatasetError
 from detkit.data.collate import collate_detection
 from detkit.data.loader import build_dataloader, build_dataset
 from detkit.data.shapes import ShapesDataset
 from detkit.data.transforms import build_transforms
+from detkit.data.voc import VOCDataset
+from detkit.data.yolo import YOLODataset
 
-__all__ = ["CocoDataset", "ShapesDataset", "DatasetError", "build_dataset", "build_dataloader",
-           "build_transforms", "collate_detection"]
+__all__ = ["CocoDataset", "VOCDataset", "YOLODataset", "ShapesDataset", "DatasetError", "build_dataset",
+           "build_dataloader", "build_transforms", "collate_detection"]

@@ -1,9 +1,7 @@
-"""COCO-format detection dataset on ``pycocotools.coco.COCO``."""
+"""COCO-format detection dataset on ``pycocotools.coco.COCO``; VOC and YOLO datasets convert to it."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import math
@@ -17,13 +15,12 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from detkit.registry import DATASETS
+from detkit.data.annotations import DatasetError, index_coco, select_classes, subset_ids
+from detkit.registry import DATASETS, positive_int
 
 logger = logging.getLogger("detkit.data")
 
-
-class DatasetError(ValueError):
-    """A dataset file is malformed; the message names the file and what was wrong."""
+__all__ = ["CocoDataset", "DatasetError", "decode_rgb", "load_coco"]
 
 
 def load_coco(ann_file: str | os.PathLike) -> COCO:
@@ -32,17 +29,11 @@ def load_coco(ann_file: str | os.PathLike) -> COCO:
     if not ann_file.is_file():
         raise FileNotFoundError(f"COCO annotation file not found: {ann_file}")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-            coco = COCO(str(ann_file))
-    except json.JSONDecodeError as err:
+        with open(ann_file, encoding="utf-8") as f:
+            dataset = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(f"{ann_file}: not valid JSON ({err})") from None
-    except (KeyError, TypeError, AssertionError) as err:
-        raise DatasetError(f"{ann_file}: not a COCO detection file; pycocotools said: "
-                           f"{type(err).__name__}: {err}") from None
-    for key in ("images", "categories"):
-        if key not in coco.dataset:
-            raise DatasetError(f"{ann_file}: not a COCO detection file: no '{key}' list")
-    return coco
+    return index_coco(dataset, ann_file)
 
 
 def decode_rgb(path: Path) -> torch.Tensor:
@@ -80,16 +71,34 @@ class CocoDataset(Dataset):
         filter_empty: leave out images with no (non-crowd) box, as for training.
         skip_bad_images: skip missing/undecodable images (count reported once) instead of failing.
         data_root: folder that ``ann_file`` and ``img_dir`` are relative to (one key to override).
+        classes: keep only these category names, as labels ``0..k-1`` in this order (categories
+            renumbered ``1..k`` the same way); the other categories' boxes are dropped.
+        max_images: use at most this many images: those whose file names have the smallest SHA-1
+            (seed-free, the same on every machine; a smaller subset lies inside a larger one),
+            taken after ``filter_empty`` and ``skip_bad_images``.
     """
 
     def __init__(self, ann_file: str, img_dir: str, transforms: Sequence[dict] | Callable | None = None,
-                 filter_empty: bool = False, skip_bad_images: bool = False, data_root: str = "") -> None:
+                 filter_empty: bool = False, skip_bad_images: bool = False, data_root: str = "",
+                 classes: Sequence[str] | None = None, max_images: int | None = None) -> None:
+        self.ann_file = Path(data_root, ann_file)
+        img_dir = Path(data_root, img_dir)
+        if not img_dir.is_dir():
+            raise FileNotFoundError(f"image folder not found: {img_dir} (img_dir of {self.ann_file})")
+        coco = load_coco(self.ann_file)
+        if classes is not None:
+            coco = index_coco(select_classes(coco.dataset, classes, self.ann_file), self.ann_file)
+        self._setup(coco, img_dir, transforms, filter_empty, skip_bad_images, max_images)
+
+    def _setup(self, coco: COCO, img_dir: Path, transforms: Sequence[dict] | Callable | None, filter_empty: bool,
+               skip_bad_images: bool, max_images: int | None) -> None:
+        """Everything but reading the annotations: shared with the datasets that convert to COCO
+        (``self.ann_file`` names the annotation source in error messages)."""
         from detkit.data.transforms import build_transforms
 
-        self.ann_file, self.img_dir = Path(data_root, ann_file), Path(data_root, img_dir)
-        if not self.img_dir.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.img_dir} (img_dir of {self.ann_file})")
-        self.coco = load_coco(self.ann_file)
+        if max_images is not None:
+            positive_int(max_images, "max_images")
+        self.coco, self.img_dir = coco, img_dir
         self.cat_ids = sorted(self.coco.getCatIds())
         self.classes = [self.coco.cats[c]["name"] for c in self.cat_ids]
         self.skip_bad_images = skip_bad_images
@@ -98,7 +107,15 @@ class CocoDataset(Dataset):
         ids = sorted(self.coco.imgs)
         if filter_empty:
             ids = [i for i in ids if len(self._targets[i][1])]
-        self.ids = self._drop_missing(ids)
+        ids = self._drop_missing(ids)
+        if max_images is not None and max_images < len(ids):
+            logger.info("%s: using %d of %d images (max_images)", self.ann_file, max_images, len(ids))
+            ids = subset_ids(ids, lambda i: str(self.coco.imgs[i]["file_name"]), max_images)
+        self.ids = ids
+
+    def source(self, image_id: int) -> str:
+        """Where the annotations of ``image_id`` come from, for error messages."""
+        return str(self.ann_file)
 
     def _read_targets(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Per image id: clipped non-crowd boxes ``(n, 4)`` xyxy and labels ``(n,)``."""
@@ -170,7 +187,7 @@ class CocoDataset(Dataset):
         h, w = image.shape[-2:]
         info = self.coco.imgs[image_id]
         if (info["height"], info["width"]) != (h, w):
-            raise DatasetError(f"{self.image_path(index)} is {w}x{h} but {self.ann_file} says "
+            raise DatasetError(f"{self.image_path(index)} is {w}x{h} but {self.source(image_id)} says "
                                f"{info['width']}x{info['height']} (image id {image_id})")
         boxes, labels = self._targets[image_id]
         target = {

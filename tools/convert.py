@@ -1,0 +1,67 @@
+"""Write a Pascal VOC or YOLO split as a COCO json (the conversion VOCDataset / YOLODataset use in memory).
+
+    python tools/convert.py voc --data-root VOC2007 --split-file ImageSets/Main/val.txt --out val.json
+    python tools/convert.py yolo --data-root my_data --img-dir images/val --label-dir labels/val \\
+        --names data.yaml --out val.json
+
+The json's ``file_name`` entries are relative to the image folder: read it back with
+``{type: CocoDataset, ann_file: val.json, img_dir: <data-root>/<img-dir>}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from detkit.data.annotations import DatasetError
+from detkit.data.voc import voc_to_coco
+from detkit.data.yolo import yolo_to_coco
+from detkit.registry import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="format", required=True)
+    voc = sub.add_parser("voc", help="Pascal VOC xml")
+    voc.add_argument("--split-file", help="image id list relative to --data-root (default: every xml of --ann-dir)")
+    voc.add_argument("--ann-dir", default="Annotations")
+    voc.add_argument("--img-dir", default="JPEGImages")
+    yolo = sub.add_parser("yolo", help="YOLO txt (Ultralytics layout)")
+    yolo.add_argument("--img-dir", default="images/train")
+    yolo.add_argument("--label-dir", default="labels/train")
+    yolo.add_argument("--names", nargs="+", default=["data.yaml"],
+                      help="class names by YOLO id, or one data.yaml path relative to --data-root")
+    for parser in (voc, yolo):
+        parser.add_argument("--data-root", required=True)
+        parser.add_argument("--classes", nargs="+", help="keep only these classes, labelled in this order")
+        parser.add_argument("--out", required=True, help="the COCO json to write")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.format == "voc":
+            dataset, _ = voc_to_coco(args.data_root, args.split_file, args.ann_dir, args.classes)
+        else:
+            names = args.names[0] if len(args.names) == 1 and args.names[0].endswith((".yaml", ".yml")) else args.names
+            dataset = yolo_to_coco(args.data_root, args.img_dir, args.label_dir, names, args.classes)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dataset))
+    ignored = sum(a["iscrowd"] for a in dataset["annotations"])
+    print(f"wrote {out}: {len(dataset['images'])} images, {len(dataset['annotations'])} boxes ({ignored} ignored), "
+          f"classes {[c['name'] for c in dataset['categories']]}; image folder {Path(args.data_root, args.img_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
