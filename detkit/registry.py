@@ -198,6 +198,7 @@ DETECTORS = Registry("detectors")
 ASSIGNERS = Registry("assigners")
 DATASETS = Registry("datasets")
 TRANSFORMS = Registry("transforms")
+SAMPLERS = Registry("samplers")
 OPTIMIZERS = Registry("optimizers")
 SCHEDULERS = Registry("schedulers")
 HOOKS = Registry("hooks")
@@ -206,5 +207,5 @@ WEIGHT_SCHEDULES = Registry("weight_schedules")
 
 REGISTRIES: dict[str, Registry] = {
     r.name: r for r in (LOSSES, BACKBONES, NECKS, HEADS, DETECTORS, ASSIGNERS, DATASETS,
-                        TRANSFORMS, OPTIMIZERS, SCHEDULERS, HOOKS, WRITERS, WEIGHT_SCHEDULES)
+                        TRANSFORMS, SAMPLERS, OPTIMIZERS, SCHEDULERS, HOOKS, WRITERS, WEIGHT_SCHEDULES)
 }

@@ -88,7 +88,7 @@ def test_errors_carry_the_nested_config_path():
 
 def test_all_registries_exist():
     assert set(REGISTRIES) == {"losses", "backbones", "necks", "heads", "detectors", "assigners",
-                               "datasets", "transforms", "optimizers", "schedulers", "hooks", "writers",
+                               "datasets", "transforms", "samplers", "optimizers", "schedulers", "hooks", "writers",
                                "weight_schedules"}
 
 

@@ -8,14 +8,19 @@ from typing import Any, Mapping
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import detkit.data.repeat_factor  # noqa: F401  (registers RepeatFactorSampler)
 from detkit.data.collate import collate_detection
 from detkit.data.sampler import EpochSampler, SeededDataset
-from detkit.registry import DATASETS, ConfigError, check_keys
+from detkit.data.transforms import DetectionPipeline
+from detkit.registry import DATASETS, SAMPLERS, ConfigError, build_path, check_keys
 
-#: ``data.*`` settings with their defaults (``train`` / ``val`` are dataset specs).
+#: ``data.*`` settings with their defaults (``train`` / ``val`` are dataset specs; ``sampler`` is the
+#: training sampler's spec, ``{type: EpochSampler}`` when null).
 DATA_DEFAULTS: dict[str, Any] = {"batch_size": 8, "val_batch_size": None, "num_workers": 2, "pin_memory": None,
                                  "persistent_workers": False, "drop_last": False, "size_divisor": 32,
-                                 "group_by_aspect_ratio": True}
+                                 "group_by_aspect_ratio": True, "sampler": None}
+#: what the loader gives every sampler (a ``data.sampler`` spec sets the other arguments)
+SAMPLER_ARGS = ("dataset", "shuffle", "seed", "rank", "world_size", "drop_last", "groups", "batch_size")
 DATA_KEYS = ("train", "val", *DATA_DEFAULTS)
 
 
@@ -35,6 +40,15 @@ def data_settings(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"data.{key} must be true or false, got {s[key]!r}")
     if s["pin_memory"] is not None and not isinstance(s["pin_memory"], bool):
         raise ConfigError(f"data.pin_memory must be null (when CUDA is available), true or false, got {s['pin_memory']!r}")
+    sampler = s["sampler"]
+    if sampler is not None:
+        if not isinstance(sampler, Mapping) or "type" not in sampler:
+            raise ConfigError(f"data.sampler must be null (EpochSampler) or a spec like {{type: RepeatFactorSampler, "
+                              f"repeat_thr: 0.1}}, got {sampler!r}")
+        fixed = sorted(set(sampler) & set(SAMPLER_ARGS))
+        if fixed:
+            raise ConfigError(f"data.sampler.{fixed[0]} is set by the loader (from train.seed, the process rank, "
+                              f"data.batch_size...); remove it from data.sampler")
     return s
 
 
@@ -48,17 +62,23 @@ def ignore_interrupts(worker_id: int) -> None:
 
 
 def build_dataset(spec: Mapping[str, Any], key: str | None = None) -> Dataset:
-    """A dataset from ``{type: CocoDataset | ShapesDataset, ...}``."""
+    """A dataset from ``{type: CocoDataset | VOCDataset | YOLODataset | ShapesDataset, ...}``, its mixing transforms (Mosaic, MixUp)
+    bound to it."""
     import detkit.data.shapes  # noqa: F401  (registers the datasets)
 
-    return DATASETS.build(spec, key)
+    dataset = DATASETS.build(spec, key)
+    if isinstance(getattr(dataset, "transforms", None), DetectionPipeline):
+        with build_path(key):
+            dataset.transforms.bind(dataset)
+    return dataset
 
 
 def build_dataloader(data_cfg: Mapping[str, Any], split: str, seed: int = 0, rank: int = 0,
                      world_size: int = 1, dataset: Dataset | None = None) -> DataLoader:
     """The loader of ``data_cfg[split]`` (``train`` shuffles, anything else keeps file order).
 
-    Sampling goes through :class:`EpochSampler` (also for one process): the order and each
+    Sampling goes through :class:`EpochSampler` (also for one process; ``data.sampler`` picks a
+    subclass for training, e.g. ``RepeatFactorSampler``): the order and each
     sample's random transforms depend only on ``(seed, epoch, position)``; with
     ``group_by_aspect_ratio`` (default) training batches hold landscape or portrait images only. Call
     ``loader.sampler.set_epoch(epoch, start=k)`` every epoch; a resumed run sees the same data.
@@ -70,8 +90,10 @@ def build_dataloader(data_cfg: Mapping[str, Any], split: str, seed: int = 0, ran
     dataset = dataset if dataset is not None else build_dataset(data_cfg[split], f"data.{split}")
     batch_size = s["batch_size"] if train else s["val_batch_size"]
     groups = dataset.landscape() if train and s["group_by_aspect_ratio"] and hasattr(dataset, "landscape") else None
-    sampler = EpochSampler(len(dataset), shuffle=train, seed=seed, rank=rank, world_size=world_size,
-                           drop_last=train and world_size > 1, groups=groups, batch_size=batch_size)
+    args = dict(dataset=dataset, shuffle=train, seed=seed, rank=rank, world_size=world_size,
+                drop_last=train and world_size > 1, groups=groups, batch_size=batch_size)
+    sampler = (SAMPLERS.build(s["sampler"], "data.sampler", **args) if train and s["sampler"] is not None
+               else EpochSampler(**args))
     workers = s["num_workers"]
     return DataLoader(
         SeededDataset(dataset), batch_size=batch_size, sampler=sampler,

@@ -4,12 +4,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Sized
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from detkit.registry import SAMPLERS
 
+# ``data.sampler`` types (SAMPLERS) are built as ``cls(dataset, shuffle=..., seed=..., rank=..., world_size=...,
+# drop_last=..., groups=..., batch_size=..., **options of the spec)``.
+
+
+@SAMPLERS.register()
 class EpochSampler(Sampler):
     """``DistributedSampler``'s order (seeded permutation, padded to a multiple of ``world_size``,
     rank-strided shards) yielding ``(index, sample_seed)`` pairs, and able to start at a position.
@@ -22,10 +28,15 @@ class EpochSampler(Sampler):
     GroupSampler, detectron2's aspect-ratio grouping): a batch mixing a portrait and a landscape
     image would be padded to a square, computing on up to twice the pixels. Leftovers of each
     group end the epoch.
+
+    ``dataset`` is the dataset (or its length). Subclasses change what one epoch draws by
+    overriding :meth:`epoch_order` (and ``size``, the samples per epoch before sharding).
     """
 
-    def __init__(self, size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False, groups: Sequence[int] | None = None, batch_size: int = 1) -> None:
+    def __init__(self, dataset: Sized | int, shuffle: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, drop_last: bool = False, groups: Sequence[int] | None = None,
+                 batch_size: int = 1) -> None:
+        size = dataset if isinstance(dataset, int) else len(dataset)
         self.groups = list(groups) if groups is not None and len(set(groups)) > 1 else None
         self.chunk = batch_size * world_size
         self.size, self.shuffle, self.seed = size, shuffle, seed
@@ -40,12 +51,18 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return max(self.per_rank - self.start, 0)
 
+    def epoch_generator(self) -> torch.Generator:
+        """The generator of this epoch's order: a function of (seed, epoch) only."""
+        return torch.Generator().manual_seed(self.seed + self.epoch)
+
+    def epoch_order(self) -> list[int]:
+        """This epoch's ``size`` dataset indices in global order (before grouping, padding and sharding)."""
+        if not self.shuffle:
+            return list(range(self.size))
+        return torch.randperm(self.size, generator=self.epoch_generator()).tolist()
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = list(range(self.size))
+        order = self.epoch_order()
         if self.groups is not None:
             order = self.grouped(order)
         total = self.per_rank * self.world
@@ -53,7 +70,6 @@ class EpochSampler(Sampler):
         base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
         for position in range(self.rank + self.start * self.world, total, self.world):
             yield order[position], (base + position) % (1 << 62)
-
 
     def grouped(self, order: list[int]) -> list[int]:
         """``order`` regrouped into chunks of ``batch_size x world_size`` items of one group each (so

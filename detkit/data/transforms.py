@@ -5,6 +5,8 @@ Boxes are ``tv_tensors.BoundingBoxes`` and move with the image; every pipeline e
 ``ClampBoundingBoxes`` + ``SanitizeBoundingBoxes`` so boxes that leave the image are clipped and
 those left degenerate (under ``min_size`` pixels) are dropped with their labels.
 Images stay ``uint8`` in 0..255; the detector normalises on its device.
+``Mosaic`` and ``MixUp`` (:mod:`detkit.data.mix`) draw other images of the dataset: the pipeline
+must be bound to it (:meth:`DetectionPipeline.bind`, done by ``build_dataset``).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from typing import Any, Callable, Sequence
 
 from torchvision.transforms import v2
 
-from detkit.registry import TRANSFORMS, ConfigError
+from detkit.data.mix import MixSource, MixTransform
+from detkit.registry import TRANSFORMS, ConfigError, config_path
 
 for _cls in (v2.Resize, v2.RandomResize, v2.RandomShortestSize, v2.ScaleJitter, v2.RandomHorizontalFlip,
              v2.RandomVerticalFlip, v2.RandomPhotometricDistort, v2.ColorJitter, v2.RandomIoUCrop,
-             v2.RandomZoomOut, v2.RandomGrayscale, v2.ClampBoundingBoxes, v2.SanitizeBoundingBoxes):
+             v2.RandomZoomOut, v2.RandomGrayscale, v2.RandomAffine, v2.ClampBoundingBoxes,
+             v2.SanitizeBoundingBoxes):
     TRANSFORMS.register(_cls)
 
 
@@ -30,6 +34,21 @@ class DetectionPipeline:
 
     def __call__(self, image: Any, target: dict) -> tuple[Any, dict]:
         return self.transforms(image, target)
+
+    def mixing(self) -> list[MixTransform]:
+        """The mixing transforms (Mosaic, MixUp) of the pipeline, in order."""
+        return [t for t in self.transforms.transforms if isinstance(t, MixTransform)]
+
+    def bind(self, dataset: Any) -> None:
+        """Let each mixing transform draw from ``dataset``: item ``i`` is ``dataset.load(i)`` (before
+        transforms) run through the transforms listed before the mixing one."""
+        steps = self.transforms.transforms
+        for k, step in enumerate(steps):
+            if isinstance(step, MixTransform):
+                if not callable(getattr(dataset, "load", None)):
+                    raise ConfigError(f"{config_path(f'transforms.{k}')}: {type(step).__name__} needs the dataset's "
+                                      f"load(index) (an item before transforms); {type(dataset).__name__} has none")
+                step.source = MixSource(dataset, v2.Compose(steps[:k]) if k else None)
 
     def __repr__(self) -> str:
         return f"DetectionPipeline({self.transforms})"

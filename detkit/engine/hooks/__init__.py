@@ -9,6 +9,7 @@ from torch import nn
 from detkit.engine.hooks.balance import Uncertainty
 from detkit.engine.hooks.base import Hook
 from detkit.engine.hooks.checkpoint import CheckpointHook
+from detkit.engine.hooks.close_mosaic import CloseMosaic  # noqa: F401  (registers the close_mosaic hook)
 from detkit.engine.hooks.ema import EMAHook, WarmupEMA
 from detkit.engine.hooks.evaluation import EarlyStopHook, EvalHook
 from detkit.engine.hooks.grad_norm import TermGradNormHook
