@@ -40,7 +40,7 @@ def parse_yaml(text: str) -> object:
     """YAML text -> Python objects (safe loader, scientific-notation floats)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (_Loader derives from SafeLoader)
 #: Top-level sections an override may create even when the loaded file lacks them.
-SECTIONS = ("model", "data", "optimizer", "scheduler", "train", "work_dir", "imports", "load_from")
+SECTIONS = ("model", "data", "optimizer", "scheduler", "train", "work_dir", "imports", "load_from", "eval")
 
 
 def _read_yaml(path: Path) -> dict:

@@ -1,8 +1,11 @@
-"""`python tools/eval.py --config CFG --checkpoint CKPT ...` (same as `python -m detkit eval`)."""
+"""`python tools/eval.py --checkpoint CKPT [--config CFG] [--show-dir DIR] ...`: the `eval` command
+(`python -m detkit eval`), then the evaluation report (PR curves, confusion matrix, per-class AP,
+lowest-recall images) in its output folder, and with --show-dir every val image drawn with ground
+truth beside predictions."""
 
 import sys
 
-from detkit.cli import main
+from detkit.analysis.cli import eval_main
 
 if __name__ == "__main__":
-    sys.exit(main(["eval", *sys.argv[1:]]))
+    sys.exit(eval_main(sys.argv[1:]))

@@ -6,17 +6,21 @@ import contextlib
 import copy
 import io
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
+
+from detkit.registry import ConfigError, check_keys
 
 logger = logging.getLogger("detkit")
 
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+BACKENDS = ("pycocotools", "faster_coco_eval")
 
 
 def to_original_coords(det: dict[str, Tensor], scale_factor: Tensor, orig_size: Sequence[int]) -> dict[str, Tensor]:
@@ -47,32 +51,93 @@ def coco_results(predictions: Sequence[dict[str, Tensor]], image_ids: Sequence[i
     return results
 
 
-def evaluate_coco(coco_gt: Any, results: list[dict[str, Any]], classes: Sequence[str],
-                  image_ids: Sequence[int] | None = None) -> dict[str, Any]:
-    """Run ``COCOeval`` (bbox) and return ``{AP, AP50, AP75, APs, APm, APl, per_class: {name: AP}}``.
+class EvalBackendMissing(ConfigError):
+    """``eval.backend`` names a package that is not installed; the message gives the pip command."""
 
-    Values are fractions in [0, 1]; -1 (pycocotools' "no such objects") becomes NaN. Without
-    results every metric is 0.
+
+@dataclass
+class EvalSettings:
+    """The ``eval`` section: ``backend`` (``pycocotools`` | ``faster_coco_eval``), ``diagnostics``
+    (write ``eval_epoch_N/`` pictures and ``results.png`` at each evaluation) and the operating point
+    of the confusion matrix and per-image recall: a detection counts from ``score_thr`` and matches a
+    box from IoU ``iou_thr`` (ultralytics' and mmdetection's defaults, 0.5 and 0.3)."""
+
+    backend: str = "pycocotools"
+    diagnostics: bool = True
+    iou_thr: float = 0.5
+    score_thr: float = 0.3
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "EvalSettings":
+        """``cfg['eval']`` over the defaults; raises :class:`ConfigError` naming ``eval.<key>``."""
+        given = cfg.get("eval") or {}
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"eval must be a mapping like {{backend: pycocotools}}, got {given!r}")
+        check_keys(given, [f.name for f in fields(cls)], "eval", "setting")
+        settings = cls(**given)
+        if settings.backend not in BACKENDS:
+            raise ConfigError(f"eval.backend must be one of {', '.join(BACKENDS)}, got {settings.backend!r}")
+        if not isinstance(settings.diagnostics, bool):
+            raise ConfigError(f"eval.diagnostics must be true or false, got {settings.diagnostics!r}")
+        for key in ("iou_thr", "score_thr"):
+            value = getattr(settings, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"eval.{key} must be a number in [0, 1], got {value!r}")
+        cocoeval_class(settings.backend)  # a missing package is named now, not after the first epoch
+        return settings
+
+
+def cocoeval_class(backend: str) -> tuple[Any, Any]:
+    """``(COCO class, COCOeval class)`` of ``backend``; :class:`EvalBackendMissing` when not installed."""
+    if backend == "pycocotools":
+        return COCO, COCOeval
+    try:
+        from faster_coco_eval import COCO as FasterCOCO
+        from faster_coco_eval import COCOeval_faster
+    except ImportError:
+        raise EvalBackendMissing("eval.backend: faster_coco_eval is not installed; pip install faster-coco-eval "
+                                 "(or pip install -e '.[fast-eval]'), or use eval.backend=pycocotools") from None
+    return FasterCOCO, COCOeval_faster
+
+
+def run_cocoeval(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int] | None = None,
+                 backend: str = "pycocotools") -> Any:
+    """``COCOeval`` (bbox) of ``results`` after evaluate, accumulate and summarize (``results`` non-empty).
+
+    Its ``eval['precision']`` is ``(T iou thresholds, R recall points, K classes, A areas, M max dets)``
+    and ``stats`` the 12 COCO numbers, with either backend.
     """
-    cat_ids = sorted(coco_gt.getCatIds())
-    if not results:
-        return {**{k: 0.0 for k in SUMMARY_KEYS}, "per_class": {c: 0.0 for c in classes}}
+    coco_cls, eval_cls = cocoeval_class(backend)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(copy.deepcopy(results))
-        ev = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        gt = coco_gt if coco_cls is COCO else coco_cls(coco_gt.dataset)
+        ev = eval_cls(gt, gt.loadRes(copy.deepcopy(results)), iouType="bbox")  # loadRes edits its input
         if image_ids is not None:
             ev.params.imgIds = sorted(set(int(i) for i in image_ids))
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = [float(s) if s >= 0 else float("nan") for s in ev.stats[:6]]
-    precision = ev.eval["precision"]  # (T iou, R recall, K classes, A areas, M max dets)
+    return ev
+
+
+def summarize(coco_eval: Any, classes: Sequence[str]) -> dict[str, Any]:
+    """``{AP, AP50, AP75, APs, APm, APl, per_class: {name: AP}}`` of an evaluated ``COCOeval``;
+    -1 (pycocotools' "no such objects") becomes NaN. ``coco_eval`` None (no results): every metric 0."""
+    if coco_eval is None:
+        return {**{k: 0.0 for k in SUMMARY_KEYS}, "per_class": {c: 0.0 for c in classes}}
+    stats = [float(s) if s >= 0 else float("nan") for s in coco_eval.stats[:6]]
+    precision = coco_eval.eval["precision"]  # (T iou, R recall, K classes, A areas, M max dets)
     per_class = {}
-    for k, name in enumerate(classes[: len(cat_ids)]):
+    for k, name in enumerate(classes[: precision.shape[2]]):
         p = precision[:, :, k, 0, -1]
         p = p[p > -1]
         per_class[name] = float(np.mean(p)) if p.size else float("nan")
     return {**dict(zip(SUMMARY_KEYS, stats)), "per_class": per_class}
+
+
+def evaluate_coco(coco_gt: COCO, results: list[dict[str, Any]], classes: Sequence[str],
+                  image_ids: Sequence[int] | None = None, backend: str = "pycocotools") -> dict[str, Any]:
+    """:func:`summarize` of :func:`run_cocoeval`: fractions in [0, 1]; without results every metric is 0."""
+    return summarize(run_cocoeval(coco_gt, results, image_ids, backend) if results else None, classes)
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -86,18 +151,22 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 @dataclass
 class Evaluation:
     """What :func:`evaluate_model` returns: COCO ``metrics`` (every rank), and on rank 0 the COCO
-    ``results`` (original pixels) and up to ``vis_images`` ``(image uint8 (3, h, w), detections)`` pairs."""
+    ``results`` (original pixels), up to ``vis_images`` ``(image uint8 (3, h, w), detections)`` pairs,
+    the evaluated image ids and the evaluated ``coco_eval`` (None without results)."""
 
     metrics: dict[str, Any]
     results: list[dict[str, Any]] = field(default_factory=list)
     pictures: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
     num_images: int = 0
+    image_ids: list[int] = field(default_factory=list)
+    coco_eval: Any = None
 
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: str | None = None,
-                   vis_images: int = 0, desc: str = "eval") -> Evaluation:
-    """Predict every image of ``loader`` (sharded under DDP) and score all of them with COCOeval on rank 0."""
+                   vis_images: int = 0, desc: str = "eval", backend: str = "pycocotools") -> Evaluation:
+    """Predict every image of ``loader`` (sharded under DDP) and score all of them with COCOeval
+    (``backend``: pycocotools or faster_coco_eval) on rank 0."""
     from detkit.distributed import all_gather_objects, get_rank, is_distributed
     from detkit.engine.run_log import progress
     from detkit.engine.trainer import autocast
@@ -123,8 +192,10 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: str
             fresh = set(part_ids) - seen  # the sampler repeats images to even out shards
             evaluation.results += [r for r in part_results if r["image_id"] in fresh]
             seen |= fresh
-        evaluation.num_images = len(seen)
-        evaluation.metrics = evaluate_coco(dataset.coco, evaluation.results, dataset.classes, sorted(seen))
+        evaluation.num_images, evaluation.image_ids = len(seen), sorted(seen)
+        if evaluation.results:
+            evaluation.coco_eval = run_cocoeval(dataset.coco, evaluation.results, evaluation.image_ids, backend)
+        evaluation.metrics = summarize(evaluation.coco_eval, dataset.classes)
     if is_distributed():
         evaluation.metrics = all_gather_objects(evaluation.metrics)[0]
     return evaluation

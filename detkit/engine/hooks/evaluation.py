@@ -8,7 +8,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from detkit.engine.checkpoint import inference_state, save_checkpoint
-from detkit.engine.evaluator import evaluate_model
+from detkit.engine.evaluator import EvalSettings, Evaluation, evaluate_model
 from detkit.engine.hooks.base import Hook
 from detkit.registry import HOOKS, ConfigError
 
@@ -28,8 +28,10 @@ def better(value: float, best: float | None, mode: str, min_delta: float = 0.0) 
 class EvalHook(Hook):
     """Evaluates the (EMA) model on ``data.val`` after every ``interval`` epochs, the last one and an
     early stop; writes an ``eval`` record, val pictures and ``results/bbox_epoch_N.json``, and
-    ``best.pth`` (inference weights only) when ``metric`` improves. ``trainer.summary`` gets the
-    last metrics and the best value and epoch."""
+    ``best.pth`` (inference weights only) when ``metric`` improves. With ``eval.diagnostics`` (the
+    config's ``eval`` section, read at the start of training) also ``eval_epoch_N/`` (PR curves,
+    confusion matrix, per-class AP table, lowest-recall images) and ``results.png`` (training curves).
+    ``trainer.summary`` gets the last metrics and the best value and epoch."""
 
     priority = 60
 
@@ -37,12 +39,17 @@ class EvalHook(Hook):
         self.loader, self.interval, self.metric, self.vis_images = loader, interval, metric, vis_images
         self.best: float | None = None
         self.best_epoch = 0
+        self.settings = EvalSettings()
+
+    def before_train(self, trainer: "Trainer") -> None:
+        self.settings = EvalSettings.from_config(trainer.cfg)
 
     def after_epoch(self, trainer: "Trainer") -> None:
         due = trainer.epoch % self.interval == 0 or trainer.epoch == trainer.max_epochs or trainer.stop_reason
         if not due:
             return
-        ev = evaluate_model(trainer.eval_model(), self.loader, trainer.device, trainer.amp, self.vis_images)
+        ev = evaluate_model(trainer.eval_model(), self.loader, trainer.device, trainer.amp, self.vis_images,
+                            backend=self.settings.backend)
         metrics = ev.metrics
         if self.metric not in metrics:
             raise ConfigError(f"train.best_metric: '{self.metric}' is not an evaluation metric; "
@@ -55,6 +62,8 @@ class EvalHook(Hook):
             results.parent.mkdir(parents=True, exist_ok=True)
             results.write_text(json.dumps(ev.results))
             self._pictures(trainer, ev.pictures)
+            if self.settings.diagnostics:
+                self._diagnostics(trainer, ev)
         if better(metrics[self.metric], self.best, "max"):
             self.best, self.best_epoch = metrics[self.metric], trainer.epoch
             if trainer.is_main:
@@ -67,9 +76,23 @@ class EvalHook(Hook):
 
         classes = self.loader.dataset.classes
         for k, (image, det) in enumerate(pictures):
-            keep = det["scores"] > 0.3
+            keep = det["scores"] >= self.settings.score_thr
             drawn = draw_detections(image, det["boxes"][keep], det["labels"][keep], classes, det["scores"][keep])
             trainer.writers.image(f"val/predictions_{k}", drawn, trainer.epoch)
+
+    def _diagnostics(self, trainer: "Trainer", ev: Evaluation) -> None:
+        """``eval_epoch_N/`` from this evaluation, and ``results.png`` when the run writes ``metrics.jsonl``."""
+        from detkit.analysis.report import write_eval_report
+        from detkit.analysis.training_curves import write_results_png
+
+        dataset, s = self.loader.dataset, self.settings
+        out = trainer.work_dir / f"eval_epoch_{trainer.epoch}"
+        write_eval_report(out, ev.coco_eval, dataset.coco, ev.results, dataset.classes, ev.image_ids, s.iou_thr,
+                          s.score_thr, title=f"epoch {trainer.epoch}")
+        written = [f"{out}/"]
+        if (trainer.work_dir / "metrics.jsonl").is_file():
+            written.append(str(write_results_png(trainer.work_dir)))
+        logger.info("diagnostics of epoch %d: %s", trainer.epoch, ", ".join(written))
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch}

@@ -1,0 +1,7 @@
+"""Diagnostics after evaluation and training: PR curves, confusion matrix, per-class AP table,
+training curves (``results.png``), dataset statistics, prediction/GT drawings. Pictures are
+matplotlib figures rendered with the Agg backend (no display needed)."""
+
+
+class AnalysisError(ValueError):
+    """Bad input to a diagnostic (missing run folder or metrics file, unknown key); the message says which."""
