@@ -24,8 +24,8 @@ class ATSSAssigner(DenseAssigner):
     first). IoUs are those of each prior's square anchor, side ``anchor_scale * stride`` (8, the
     paper's and mmdetection's ``octave_base_scale``), centred on the point.
 
-    Everything is one computation over ``(B, P, G)`` (images, priors, padded GTs): the only loop is
-    over FPN levels, for the per-level top-k.
+    Everything is one computation over images, priors and padded GTs: centre distances ``(B, P, G)``,
+    then only the ``(B, K, G)`` candidates; the only loop is over FPN levels, for the per-level top-k.
 
     Args:
         strides: the head's strides (given by the head). topk: candidates per level and GT.
@@ -49,7 +49,8 @@ class ATSSAssigner(DenseAssigner):
         batch, num_gt = gt_labels.shape
         points = priors.points
         centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (B, G, 2)
-        distance = (points.view(1, -1, 1, 2) - centres.unsqueeze(1)).pow(2).sum(-1)  # (B, P, G), squared
+        # exact distances (no matrix-product shortcut, which reorders near ties); one fused kernel
+        distance = torch.cdist(points.expand(batch, -1, -1), centres, compute_mode="donot_use_mm_for_euclid_dist")
         candidates = torch.cat([
             distance[:, level].topk(min(self.topk, level.stop - level.start), dim=1, largest=False).indices
             + level.start for level in priors.level_slices()], dim=1)  # (B, K, G) prior indices
@@ -59,7 +60,14 @@ class ATSSAssigner(DenseAssigner):
         threshold = iou.mean(1, keepdim=True) + iou.std(1, keepdim=True)
         inside = bbox2distance(points[candidates], boxes).amin(-1) > INSIDE_EPS
         chosen = (iou >= threshold) & inside & gt_mask.unsqueeze(1)
-        overlaps = torch.full((batch, len(points), num_gt), -1.0, device=points.device)
-        overlaps.scatter_(1, candidates, torch.where(chosen, iou, torch.full_like(iou, -1.0)))
-        best, index = overlaps.max(dim=2)  # (B, P)
-        return gather_assigned(index, best >= 0, gt_boxes, gt_labels, num_classes)
+        # A prior chosen by several GTs takes the highest IoU, then the first GT: two scatters over
+        # the (B, K, G) candidates instead of a max over a dense (B, P, G) IoU matrix.
+        flat = candidates.flatten(1)
+        value = torch.where(chosen, iou, torch.full_like(iou, -1.0)).flatten(1)
+        best = torch.full((batch, len(points)), -1.0, device=points.device).scatter_reduce(1, flat, value, "amax")
+        gt_index = torch.arange(num_gt, device=points.device).expand_as(candidates).flatten(1)
+        wins = chosen.flatten(1) & (value == best.gather(1, flat))
+        index = torch.full_like(best, num_gt, dtype=torch.int64).scatter_reduce(
+            1, flat, torch.where(wins, gt_index, num_gt), "amin")
+        positive = best >= 0
+        return gather_assigned(torch.where(positive, index, 0), positive, gt_boxes, gt_labels, num_classes)
