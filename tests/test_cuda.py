@@ -9,8 +9,8 @@ import torch
 
 import detkit
 from detkit.assigners import CenterNetAssigner, FCOSAssigner
-from detkit.ops import dense_points
 from detkit.models import build_detector
+from detkit.ops import dense_points
 from tests.test_models import batch, tiny_centernet, tiny_fcos
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from detkit.assigners import ATSSAssigner, CenterNetAssigner
+from detkit.bench.references import per_image_atss_assign
 from detkit.models.gfl import GFLHead, integral
 from detkit.ops import aligned_box_iou, bbox2distance, dense_points, distance2bbox
 from tests.test_assigners import cornernet_radius, draw_umich_gaussian, random_boxes
@@ -27,35 +28,6 @@ def test_box_ops_invert_each_other_and_iou_matches_torchvision():
     torch.testing.assert_close(aligned_box_iou(boxes, other), box_iou(boxes, other).diagonal())
 
 
-def reference_atss(priors, boxes, labels, mask, topk, anchor_scale, num_classes):
-    """mmdetection's ATSSAssigner, one image at a time (anchors, IoUs and top-k per image)."""
-    out_labels, out_boxes = [], []
-    half = (priors.strides * anchor_scale / 2)[:, None]
-    anchors = torch.cat([priors.points - half, priors.points + half], 1)
-    for img_boxes, img_labels, img_mask in zip(boxes, labels, mask):
-        gt, lab = img_boxes[img_mask], img_labels[img_mask]
-        if not len(gt):
-            out_labels.append(torch.full((len(anchors),), num_classes))
-            out_boxes.append(torch.zeros(len(anchors), 4))
-            continue
-        ious = box_iou(anchors, gt)  # (P, g)
-        dist = torch.cdist(priors.points, (gt[:, :2] + gt[:, 2:]) / 2, compute_mode="donot_use_mm_for_euclid_dist")
-        cand = torch.cat([dist[s].topk(min(topk, s.stop - s.start), dim=0, largest=False).indices + s.start
-                          for s in priors.level_slices()])  # (K, g)
-        cand_iou = ious.gather(0, cand)
-        positive = cand_iou >= cand_iou.mean(0) + cand_iou.std(0)
-        inside = bbox2distance(priors.points[cand], gt[None]).amin(-1) > 0.01
-        overlaps = torch.full_like(ious, -math.inf)
-        keep = positive & inside
-        cols = torch.arange(len(gt)).expand_as(cand)
-        overlaps[cand[keep], cols[keep]] = ious[cand[keep], cols[keep]]
-        best, index = overlaps.max(1)
-        pos = best > -math.inf
-        out_labels.append(torch.where(pos, lab[index], num_classes))
-        out_boxes.append(torch.where(pos[:, None], gt[index], 0.0))
-    return torch.stack(out_labels), torch.stack(out_boxes)
-
-
 def test_batched_atss_equals_per_image_reference():
     priors = dense_points([(16, 16), (8, 8), (4, 4), (2, 2)], [8, 16, 32, 64], torch.device("cpu"))
     boxes, labels = random_boxes(3, 8, 128, seed=5)
@@ -63,7 +35,7 @@ def test_batched_atss_equals_per_image_reference():
     mask[1, 5:] = False  # padding rows
     mask[2] = False  # an image without objects
     got = ATSSAssigner([8, 16, 32, 64], topk=9)(priors, boxes, labels, mask, 5)
-    ref_labels, ref_boxes = reference_atss(priors, boxes, labels, mask, 9, 8.0, 5)
+    ref_labels, ref_boxes = per_image_atss_assign(priors, boxes, labels, mask, 9, 8.0, 5)
     assert torch.equal(got.labels, ref_labels) and torch.equal(got.positive, ref_labels < 5)
     torch.testing.assert_close(got.boxes, ref_boxes)
     assert got.positive[0].sum() >= 8 and not got.positive[2].any()

@@ -1,7 +1,12 @@
-"""Benchmarks against peers in one process; writes benchmark.md and benchmark.json.
+"""Benchmarks; writes benchmark.md and benchmark.json to --out.
 
-    python tools/benchmark.py --quick                  # all four tables in under 2 minutes on CPU
-    python tools/benchmark.py --device cuda --size 800 --batch 8
+Your model (any config): train-step and inference images/s, peak memory and where the step's time goes
+    python tools/benchmark.py --config configs/fcos/fcos_r18_fpn_shapes.yaml [--set k=v ...] [--quick]
+
+Against peers in one process (alternated):
+    python tools/benchmark.py --quick                       # losses, assigners, train step, loading on CPU
+    python tools/benchmark.py --device cpu --sections inference --size 128 --batch 16
+    python tools/benchmark.py --device cuda --sections gpu  # every GPU figure of docs/benchmarks.md
     python tools/benchmark.py --sections epochs --epoch-set data.num_workers=2   # whole epochs, BCCD
 """
 
@@ -13,25 +18,38 @@ from pathlib import Path
 
 import torch
 
-from detkit import benchmark as bm
+from detkit.bench import common, peers, split, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
+DEFAULT_CONFIG = ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"
+SECTIONS = ["losses", "assigners", "train_step", "inference", "loading", "epochs", "export", "gpu"]
+#: ``--sections gpu``: the GPU figures: R-50 FPN-256, 512 px, batch 8, fp32 and bf16, detkit eager and
+#: ``train.compile: full`` vs torchvision eager, with peak memory; the assigners; the default config's split.
+GPU = {"depths": [50], "width": 256, "size": 512, "batch": 8, "amps": [None, "bf16"], "compiled": True}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="time this config's training step and inference (the other flags below "
+                                    "--set apply to the peer sections)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for --config")
+    p.add_argument("--steps", type=int, default=15, help="--config: plain and split steps each (after warm-up)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (median reported)")
-    p.add_argument("--size", type=int, default=512, help="square image size for losses and train step")
+    p.add_argument("--size", type=int, default=512, help="square image size for losses, train step, inference")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CPU smoke run)")
-    p.add_argument("--amp", action="store_true", help="train step under bf16 autocast")
-    p.add_argument("--compile", action="store_true", help="also time each detkit loss under torch.compile")
+    p.add_argument("--quick", action="store_true", help="small sizes, few repeats and steps (CPU smoke run)")
+    p.add_argument("--amp", choices=["fp32", "bf16", "both"], default="fp32", help="train step autocast")
+    p.add_argument("--compile", action="store_true",
+                   help="also time each detkit loss compiled, and detkit's train step under train.compile: full")
     p.add_argument("--sections", nargs="+", default=["losses", "assigners", "train_step", "loading"],
-                   choices=["losses", "assigners", "train_step", "loading", "epochs", "export"])
+                   choices=SECTIONS)
     p.add_argument("--depths", type=int, nargs="+", default=[18, 50], help="ResNet depths for the train step")
-    p.add_argument("--width", type=int, default=256, help="FPN / head width for the train step")
+    p.add_argument("--width", type=int, default=256, help="FPN / head width for the train step and inference")
+    p.add_argument("--num-convs", type=int, default=4, help="head tower depth (train step, inference)")
+    p.add_argument("--num-classes", type=int, default=80, help="classes (train step, inference)")
+    p.add_argument("--channels-last", action="store_true", help="train step: also detkit in channels_last")
     p.add_argument("--bccd", default=str(BCCD), help="BCCD folder for the loading table (skipped if absent)")
     p.add_argument("--epoch-configs", nargs="+", default=[str(ROOT / "configs/fcos/tv_fcos_r18_fpn_bccd.yaml"),
                                                           str(ROOT / "configs/fcos/fcos_r18_fpn_bccd.yaml")],
@@ -43,20 +61,42 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
+    results: dict = {"machine": {**common.machine(), "device": str(device), "command": " ".join(sys.argv)}}
+
+    def show(key: str, title: str, rows: list) -> None:
+        results[key] = rows
+        print(common.markdown(title, rows), flush=True)
+
+    if "gpu" in args.sections:
+        if device.type != "cuda":
+            p.error("--sections gpu needs --device cuda (or auto with a GPU)")
+        args.sections = ["assigners", "train_step"]
+        args.depths, args.width, args.size, args.batch = GPU["depths"], GPU["width"], GPU["size"], GPU["batch"]
+        args.compile, args.amp = GPU["compiled"], "both"
+        args.config, args.set = args.config or str(DEFAULT_CONFIG), args.set or ["data.num_workers=8"]
+    elif args.config:
+        args.sections = []
+    if args.config:
+        quick = {"steps": 4, "warmup": 2, "infer_batches": 2} if args.quick else {"steps": args.steps}
+        out = split.bench_config(args.config, args.set, args.device, **quick)
+        show("config", f"{Path(args.config).name} {' '.join(args.set)}".strip(), out["summary"])
+        show("split", "where the training step goes (ms per step)", out["split"])
+        print(split.check_line(out), flush=True)
     if args.quick:
         args.repeat, args.size, args.batch, args.depths, args.width = 3, 256, 2, [18], 64
-    results: dict = {"machine": {**bm.machine(), "device": str(device), "command": " ".join(sys.argv)}}
+    amps = {"fp32": [None], "bf16": ["bf16"], "both": [None, "bf16"]}[args.amp]
     if "losses" in args.sections:
-        results["losses"] = bm.bench_losses(device, args.size, args.batch, args.repeat, args.compile)
-        print(bm.markdown("losses (fwd+bwd)", results["losses"]), flush=True)
+        show("losses", "losses (fwd+bwd)", peers.bench_losses(device, args.size, args.batch, args.repeat, args.compile))
     if "assigners" in args.sections:
         sizes = [(512, 512)] if args.quick else [(512, 512), (800, 1333)]
-        results["assigners"] = bm.bench_assigners(device, sizes, 8, 20, args.repeat)
-        print(bm.markdown("assigners (batch 8, 20 GTs/image)", results["assigners"]), flush=True)
+        show("assigners", "assigners (batch 8, 20 GTs/image)", peers.bench_assigners(device, sizes, 8, 20, args.repeat))
     if "train_step" in args.sections:
-        results["train_step"] = bm.bench_train_step(device, args.depths, args.size, args.batch, args.width,
-                                                    args.repeat, args.amp)
-        print(bm.markdown("train step", results["train_step"]), flush=True)
+        show("train_step", "train step", train_step.bench_train_step(
+            device, args.depths, args.size, args.batch, args.width, args.repeat, amps, args.compile, args.num_convs,
+            args.num_classes, args.channels_last))
+    if "inference" in args.sections:
+        show("inference", "batched inference, fp32 (predict vs torchvision eval())", train_step.bench_inference(
+            device, args.depths[0], args.width, args.num_convs, args.num_classes, args.size, args.batch, args.repeat))
     if "loading" in args.sections:
         datasets = {"shapes 128px": {"type": "ShapesDataset", "num_images": 256 if args.quick else 2000,
                                      "image_size": 128, "min_size": 8,
@@ -66,22 +106,20 @@ def main(argv: list[str] | None = None) -> int:
             datasets["BCCD 640x480"] = {"type": "CocoDataset", "data_root": args.bccd,
                                         "ann_file": "annotations/instances_train.json", "img_dir": "images",
                                         "transforms": [{"type": "RandomHorizontalFlip", "p": 0.5}]}
-        results["loading"] = bm.bench_loading(datasets, 16, [0, 2], 4 if args.quick else 15)
-        print(bm.markdown("data loading (batch 16)", results["loading"]), flush=True)
+        show("loading", "data loading (batch 16)", peers.bench_loading(datasets, 16, [0, 2], 4 if args.quick else 15))
     if "epochs" in args.sections:
-        from detkit.epoch_benchmark import bench_epochs
+        from detkit.bench.epochs import bench_epochs
 
-        data = [f"data.{split}.data_root={args.bccd}" for split in ("train", "val")]
+        data = [f"data.{s}.data_root={args.bccd}" for s in ("train", "val")]
         configs = {Path(c).stem: c for c in args.epoch_configs}
-        results["epochs"] = bench_epochs(configs, [*data, *args.epoch_set], str(device), args.epochs, args.rounds)
-        print(bm.markdown(f"training epochs through the trainer ({' '.join(args.epoch_set) or 'as configured'})",
-                          results["epochs"]), flush=True)
+        show("epochs", f"training epochs through the trainer ({' '.join(args.epoch_set) or 'as configured'})",
+             bench_epochs(configs, [*data, *args.epoch_set], str(device), args.epochs, args.rounds))
     if "export" in args.sections:
         from detkit.export import bench_export
 
-        results["export"] = bench_export(ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml", args.size, args.repeat)
-        print(bm.markdown(f"one {args.size}px image on the CPU: eager vs onnxruntime", results["export"]), flush=True)
-    bm.write(Path(args.out), results)
+        show("export", f"one {args.size}px image on the CPU: eager vs onnxruntime",
+             bench_export(DEFAULT_CONFIG, args.size, args.repeat))
+    common.write(Path(args.out), results)
     print(f"wrote {args.out}/benchmark.md and benchmark.json")
     return 0
 

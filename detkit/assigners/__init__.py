@@ -7,6 +7,3 @@ from detkit.assigners.fcos import FCOSAssigner, fcos_targets
 
 __all__ = ["AssignResult", "DenseAssigner", "ATSSAssigner", "FCOSAssigner", "CenterNetAssigner", "fcos_targets",
            "gaussian_radius"]
-
-# TEMPORARY (lead, integration): detkit/bench still imports the old name; removed once it uses detkit.ops.dense_points
-from detkit.ops.priors import dense_points as fcos_points  # noqa: E402,F401

@@ -6,12 +6,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import torch
+
 from detkit.registry import ConfigError, check_keys
 
-AMP_MODES = (None, "bf16", "fp16")
+AMP_MODES = (None, "bf16", "fp16", "auto")
 #: What an evaluation reports (COCO bbox); best_metric and early_stop.metric name one of them.
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-COMPILE_MODES = (False, True)
+COMPILE_MODES = (False, True, "full")
 
 
 def _positive_int(key: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
@@ -61,6 +63,21 @@ def _spec_list(key: str, value: Any) -> list[dict[str, Any]]:
     return [dict(v) for v in value]
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16
+    or AMX (elsewhere oneDNN emulates bf16 and autocast would be slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_amp(amp: str | None, device: torch.device) -> str | None:
+    """``train.amp`` for ``device``: ``auto`` becomes ``bf16`` where :func:`native_bf16`, else None (fp32)."""
+    if amp == "auto":
+        return "bf16" if native_bf16(device) else None
+    return amp
+
+
 @dataclass
 class TrainSettings:
     """Every ``train.*`` setting with its default; :meth:`from_config` validates a config's section."""
@@ -78,6 +95,7 @@ class TrainSettings:
     keep_checkpoints: int = 3
     nan_patience: int = 10
     compile: Any = False
+    channels_last: bool = False
     sync_bn: bool = False
     grad_norm_interval: int | None = None
     vis_images: int = 4
@@ -88,6 +106,7 @@ class TrainSettings:
     writers: list = field(default_factory=lambda: [{"type": "ConsoleWriter"}, {"type": "JsonlWriter"},
                                                    {"type": "TensorboardWriter"}])
     loss_balance: Any = None
+    close_mosaic: int = 0
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "TrainSettings":
@@ -112,13 +131,18 @@ class TrainSettings:
             _positive_int(key, getattr(self, key), allow_none=True)
         _positive_int("keep_checkpoints", self.keep_checkpoints, minimum=0)
         _positive_int("vis_images", self.vis_images, minimum=0)
+        _positive_int("close_mosaic", self.close_mosaic, minimum=0)
         _positive_int("seed", self.seed, minimum=0)
         if self.best_metric not in METRICS:
             raise ConfigError(f"train.best_metric must be one of {', '.join(METRICS)}, got {self.best_metric!r}")
         if self.amp not in AMP_MODES:
-            raise ConfigError(f"train.amp must be one of null, bf16, fp16; got {self.amp!r}")
+            raise ConfigError(f"train.amp must be one of null, bf16, fp16; got {self.amp!r} (or auto: bf16 where "
+                              f"the device computes it natively, else fp32)")
         if self.compile not in COMPILE_MODES:
-            raise ConfigError(f"train.compile must be true or false; got {self.compile!r}")
+            raise ConfigError(f"train.compile must be false, true (the model's forward) or full (the whole step at "
+                              f"fixed shapes); got {self.compile!r}")
+        if not isinstance(self.channels_last, bool):
+            raise ConfigError(f"train.channels_last must be true or false, got {self.channels_last!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda; got {self.device!r}")
         clip = self.grad_clip

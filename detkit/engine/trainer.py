@@ -23,6 +23,7 @@ from detkit.distributed import (
 from detkit.engine.hooks.base import Hook
 from detkit.engine.interrupt import InterruptWatch, TrainingInterrupted
 from detkit.engine.rng import rng_state, seed_everything, set_rng_state
+from detkit.engine.settings import resolve_amp
 from detkit.engine.writers import WriterGroup
 
 logger = logging.getLogger("detkit")
@@ -43,6 +44,8 @@ class StepResult:
 
 
 def autocast(device: torch.device, amp: str | None) -> Any:
+    """The autocast context of ``train.amp`` (None | bf16 | fp16 | auto, see :func:`resolve_amp`) on ``device``."""
+    amp = resolve_amp(amp, device)
     if amp is None:
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
@@ -62,6 +65,7 @@ class Trainer:
         hooks: :class:`Hook` objects, called in ``priority`` order.
         train_model: what the step calls (DDP / compiled wrapper of ``model``; default ``model``).
         epochs, accumulate, grad_clip (max norm or None), amp (None | bf16 | fp16), seed: settings.
+        channels_last: give the model its input batch in channels_last memory format.
         state: a checkpoint to resume from (loaded after ``before_train``).
     Counters: ``epoch`` (finished epochs), ``iter`` (optimizer updates applied), ``inner`` (steps
     consumed in the current epoch, the mid-epoch resume position).
@@ -70,12 +74,14 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Any, hooks: Sequence[Hook], *,
                  work_dir: Path, device: torch.device, epochs: int, train_model: nn.Module | None = None,
                  accumulate: int = 1, grad_clip: float | None = None, amp: str | None = None, seed: int = 0,
-                 cfg: Mapping[str, Any] | None = None, state: Mapping[str, Any] | None = None) -> None:
+                 channels_last: bool = False, cfg: Mapping[str, Any] | None = None,
+                 state: Mapping[str, Any] | None = None) -> None:
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.train_model = train_model or model
         self.hooks = sorted(hooks, key=lambda h: h.priority)
         self.work_dir, self.device, self.cfg = Path(work_dir), device, dict(cfg or {})
         self.max_epochs, self.accumulate, self.grad_clip, self.amp, self.seed = epochs, accumulate, grad_clip, amp, seed
+        self.channels_last = channels_last
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
         self.rank, self.world = get_rank(), get_world_size()
         self.is_main = self.rank == 0
@@ -156,8 +162,7 @@ class Trainer:
             last = i == len(batches) - 1
             no_sync = getattr(self.train_model, "no_sync", None)
             with nullcontext() if last or no_sync is None else no_sync():
-                with autocast(self.device, self.amp):
-                    losses = self.train_model(batch["images"].to(self.device, non_blocking=True), batch["targets"])
+                losses = self.forward(batch)
                 for hook in self.hooks:
                     losses = hook.after_forward(self, losses)
                 total = sum(losses.values())
@@ -168,10 +173,25 @@ class Trainer:
                     result.losses = {k: v.detach() for k, v in losses.items()}
                     self.optimizer.zero_grad(set_to_none=True)
                     return
-                self.scaler.scale(total / len(batches)).backward()
+                self.backward(total / len(batches))
             for k, v in losses.items():
                 result.losses[k] = result.losses.get(k, 0) + v.detach() / len(batches)
             result.total = (result.total if result.total is not None else 0) + total.detach() / len(batches)
+        self.update(result)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Weighted loss terms of one micro-batch, under ``amp`` autocast."""
+        images = batch["images"].to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.amp):
+            return self.train_model(images, batch["targets"])
+
+    def backward(self, loss: Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def update(self, result: StepResult) -> None:
+        """Gradients of the step -> clipped (norm in ``result``), checked, applied (``result.applied``)."""
         self.sync_extra_grads()
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]

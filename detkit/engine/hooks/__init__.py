@@ -9,7 +9,7 @@ from torch import nn
 from detkit.engine.hooks.balance import Uncertainty
 from detkit.engine.hooks.base import Hook
 from detkit.engine.hooks.checkpoint import CheckpointHook
-from detkit.engine.hooks.close_mosaic import CloseMosaic  # noqa: F401  (registers the close_mosaic hook)
+from detkit.engine.hooks.close_mosaic import CloseMosaic
 from detkit.engine.hooks.ema import EMAHook, WarmupEMA
 from detkit.engine.hooks.evaluation import EarlyStopHook, EvalHook
 from detkit.engine.hooks.grad_norm import TermGradNormHook
@@ -30,6 +30,8 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
         hooks.append(LossWeightScheduleHook())
     if s.ema_decay is not None:
         hooks.append(EMAHook(*s.ema_decay))
+    if s.close_mosaic:
+        hooks.append(CloseMosaic(s.close_mosaic))
     if val_loader is not None:
         hooks.append(EvalHook(val_loader, s.eval_interval, s.best_metric, s.vis_images))
     if s.early_stop is not None:
@@ -49,4 +51,4 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
 
 __all__ = ["Hook", "HOOKS", "build_hooks", "NaNGuardHook", "NonFiniteLossError", "LRScheduleHook",
            "LossWeightScheduleHook", "EMAHook", "WarmupEMA", "TermGradNormHook", "EvalHook", "EarlyStopHook",
-           "CheckpointHook", "LoggerHook", "Uncertainty"]
+           "CheckpointHook", "LoggerHook", "Uncertainty", "CloseMosaic"]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from detkit.bench.common import sync
 from detkit.config import load_config
 from detkit.engine.hooks import Hook
 
@@ -29,8 +30,6 @@ class EpochTimer(Hook):
         self.start = time.perf_counter()
 
     def after_epoch(self, trainer: Any) -> None:
-        from detkit.benchmark import sync
-
         sync(trainer.device)
         self.seconds.append(time.perf_counter() - self.start)
 
