@@ -20,6 +20,7 @@ from detkit.engine.checkpoint import (
     load_model_weights,
 )
 from detkit.engine.evaluator import to_original_coords
+from detkit.models.fuse import fold_batchnorm
 from detkit.registry import ConfigError, UnknownTypeError
 
 ImageInput = Any  # str | Path | PIL.Image.Image | np.ndarray (H, W[, 3]) uint8 | Tensor (3, H, W)
@@ -73,12 +74,14 @@ class DetectorModel:
     int64 in ``0..len(classes) - 1`` (torchvision's format), sorted by score.
 
     Images go through the config's ``data.val.transforms`` (as in evaluation), are padded into
-    batches of ``batch_size`` and run on the model's device.
+    batches of ``batch_size`` and run on the model's device. For speed the model has its BatchNorms
+    folded into the convolutions and runs in ``channels_last`` (same detections up to float
+    rounding): ``model`` is for inference and export, not for training or loading weights.
     """
 
     def __init__(self, model: nn.Module, config: Mapping[str, Any], classes: Sequence[str],
                  device: torch.device, cat_ids: Sequence[int] | None = None) -> None:
-        self.model = model.to(device).eval()
+        self.model = fold_batchnorm(model.to(device).eval()).to(memory_format=torch.channels_last)
         self.config, self.classes, self.device = dict(config), list(classes), device
         self.cat_ids = list(cat_ids) if cat_ids else list(range(len(self.classes)))
         data = self.config.get("data") or {}
@@ -107,7 +110,8 @@ class DetectorModel:
         out: list[dict[str, Tensor]] = []
         for start in range(0, len(images), batch_size):
             batch = self.prepare(images[start:start + batch_size])
-            dets = self.model.predict(batch["images"].to(self.device, non_blocking=True), batch["image_sizes"])
+            images_nhwc = batch["images"].to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            dets = self.model.predict(images_nhwc, batch["image_sizes"])
             for i, det in enumerate(dets):
                 pred = to_original_coords(det, batch["scale_factors"][i], batch["orig_sizes"][i])
                 keep = pred["scores"] >= score_thr

@@ -153,3 +153,31 @@ def test_weights_of_another_detector_get_one_named_error(tmp_path):
                  str(image_files(tmp_path / "imgs")[0]), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "centernet.pth: its weights do not fit this config's model (FCOS)" in proc.stderr
+
+
+def test_batchnorm_folding_keeps_the_outputs():
+    import copy
+
+    from detkit.models.fuse import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = build_detector(load_config(FCOS_CFG, SMALL)["model"])
+    with torch.no_grad():  # BatchNorms with statistics and affine terms far from the identity
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    model.eval()
+    images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(images)
+        folded = fold_batchnorm(copy.deepcopy(model)).to(memory_format=torch.channels_last)
+        got = folded(images.contiguous(memory_format=torch.channels_last))
+    norms = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    identities = [m for m in folded.backbone.modules() if isinstance(m, torch.nn.Identity)]
+    assert not norms and len(identities) == 20  # ResNet-18: the stem, 16 block convs, 3 downsamples
+    for want, have in zip(expected, got):
+        for a, b in zip(want, have):
+            torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="eval-mode"):
+        fold_batchnorm(model.train())

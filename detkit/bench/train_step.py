@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Sequence
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor, nn
 
 from detkit.bench.common import random_boxes, sync, time_pair
 from detkit.engine.trainer import autocast
+from detkit.models.fuse import fold_batchnorm
 
 
 def torchvision_fcos(depth: int, width: int, num_classes: int, size: int, num_convs: int = 4) -> nn.Module:
@@ -116,7 +118,8 @@ def bench_inference(device: torch.device, depth: int, width: int, num_convs: int
     """Batched detection throughput: detkit ``predict`` vs torchvision FCOS ``eval()``, fp32, with the same
     weights (torchvision's converted into detkit's FCOS, which is then exact: same boxes and scores).
 
-    Two regimes of the random weights: ``dense`` (the classifier's prior init: every candidate scores
+    ``detkit`` is the model's own ``predict``; ``detkit_api`` the model as ``load_detector`` prepares it
+    (BatchNorm folded into the convolutions, ``channels_last``). Two regimes of the random weights: ``dense`` (the classifier's prior init: every candidate scores
     about 0.07, above the 0.05 threshold, so NMS sees ``nms_pre`` boxes per level) and ``sparse``
     (classifier bias -10: nothing passes the threshold; the network and decoding alone).
     """
@@ -135,13 +138,17 @@ def bench_inference(device: torch.device, depth: int, width: int, num_convs: int
             with torch.no_grad():
                 theirs.head.classification_head.cls_logits.bias.fill_(bias)
                 ours.head.cls_out.bias.fill_(bias)
+        folded = fold_batchnorm(copy.deepcopy(ours)).to(memory_format=torch.channels_last)  # as load_detector
+        nhwc = images.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            fns = {"detkit": lambda: ours.predict(images), "torchvision": lambda: theirs(tv_images)}
+            fns = {"detkit": lambda: ours.predict(images), "detkit_api": lambda: folded.predict(nhwc),
+                   "torchvision": lambda: theirs(tv_images)}
             detections = {name: sum(len(d["scores"]) for d in fn()) / batch for name, fn in fns.items()}
             t = time_pair(fns, device, repeat)
         rows.append({"model": f"FCOS-R{depth}-FPN{width}-{num_convs}conv", "size": size, "batch": batch,
                      "regime": regime, "detections_per_img": detections["detkit"],
                      "torchvision_detections_per_img": detections["torchvision"],
-                     "detkit_img_s": batch / t["detkit"], "torchvision_img_s": batch / t["torchvision"],
-                     "ratio": t["torchvision"] / t["detkit"]})
+                     "detkit_img_s": batch / t["detkit"], "detkit_api_img_s": batch / t["detkit_api"],
+                     "torchvision_img_s": batch / t["torchvision"], "ratio": t["torchvision"] / t["detkit"],
+                     "api_ratio": t["torchvision"] / t["detkit_api"]})
     return rows

@@ -15,7 +15,7 @@ class DetectionHead(nn.Module):
 
     ``decode(outputs)`` -> dense candidates ``boxes (B, K, 4)`` input pixels, ``scores (B, K)``,
     ``labels (B, K)``; this class thresholds them at ``score_thr``, runs class-aware NMS at
-    ``nms_iou`` (None: none) over the whole batch and keeps the best ``max_per_img`` per image.
+    ``nms_iou`` (None: none) and keeps the best ``max_per_img`` per image.
     """
 
     num_classes: int
@@ -31,8 +31,7 @@ class DetectionHead(nn.Module):
         """Per image ``{"boxes" (n, 4), "scores" (n,), "labels" (n,)}`` sorted by score, boxes clipped
         to ``image_sizes (B, 2)`` (h, w)."""
         boxes, scores, labels = self.decode(outputs)
-        return nms_per_image(boxes, scores, labels, image_sizes, self.score_thr, self.nms_iou, self.max_per_img,
-                             self.num_classes)
+        return nms_per_image(boxes, scores, labels, image_sizes, self.score_thr, self.nms_iou, self.max_per_img)
 
     @torch.no_grad()
     def predict_padded(self, outputs: Any, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,7 +1,7 @@
 """From dense candidates to detections: score threshold, class-aware NMS, top ``max_per_img``.
 
-Both functions take the whole batch at once (one NMS call over all images, classes kept apart by
-offsetting boxes) and clip boxes to each image first. ``iou=None`` skips NMS (CenterNet's peaks).
+Both clip boxes to each image first; ``iou=None`` skips NMS (CenterNet's peaks). ``nms_padded`` runs
+one NMS over the whole batch (classes and images kept apart by offsetting boxes) for export.
 """
 
 from __future__ import annotations
@@ -32,26 +32,25 @@ def image_sizes_of(images: Tensor) -> Tensor:
 
 
 def nms_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_sizes: Tensor, score_thr: float,
-                  iou: float | None, max_per_img: int, num_classes: int) -> list[dict[str, Tensor]]:
-    """Threshold, class-wise NMS and top-``max_per_img`` for a batch in one ``batched_nms`` call.
+                  iou: float | None, max_per_img: int) -> list[dict[str, Tensor]]:
+    """Threshold, class-wise NMS and top-``max_per_img``, image by image.
 
     ``boxes (B, K, 4)``, ``scores (B, K)``, ``labels (B, K)`` -> per image ``{"boxes" (n, 4),
-    "scores" (n,), "labels" (n,)}`` sorted by score.
+    "scores" (n,), "labels" (n,)}`` sorted by score. One ``batched_nms`` per image rather than one
+    for the batch: above 4,000 boxes torchvision's CPU ``batched_nms`` loops over groups with a mask
+    over all boxes per group, so a whole batch (images x classes groups) costs more than its images.
     """
-    batch = boxes.shape[0]
     boxes = clip_boxes(boxes, image_sizes)
-    image = torch.arange(batch, device=boxes.device).view(-1, 1).expand_as(labels)
-    keep = scores > score_thr
-    boxes, scores, labels, image = boxes[keep], scores[keep], labels[keep], image[keep]
-    if iou is None:
-        kept = scores.argsort(descending=True, stable=True)
-    else:
-        kept = batched_nms(boxes, scores, image * num_classes + labels, iou)  # sorted by score
-    image = image[kept]
     results = []
-    for i in range(batch):
-        sel = kept[image == i][:max_per_img]
-        results.append({"boxes": boxes[sel], "scores": scores[sel], "labels": labels[sel]})
+    for img_boxes, img_scores, img_labels in zip(boxes, scores, labels):
+        keep = img_scores > score_thr
+        img_boxes, img_scores, img_labels = img_boxes[keep], img_scores[keep], img_labels[keep]
+        if iou is None:
+            kept = img_scores.argsort(descending=True, stable=True)
+        else:
+            kept = batched_nms(img_boxes, img_scores, img_labels, iou)  # sorted by score
+        kept = kept[:max_per_img]
+        results.append({"boxes": img_boxes[kept], "scores": img_scores[kept], "labels": img_labels[kept]})
     return results
 
 
