@@ -202,3 +202,12 @@ def test_quick_benchmark_prints_all_tables(tmp_path):
     assert {row["loss"] for row in results["losses"]} >= {"FocalLoss", "GIoULoss", "GaussianFocalLoss"}
     assert all(row["speedup"] > 0 for row in results["losses"] + results["assigners"])
     assert results["train_step"][0]["ratio"] > 0
+
+
+def test_fused_optimizer_is_default_but_not_with_foreach():
+    from detkit.engine.runner import fused_optimizer_spec
+
+    assert fused_optimizer_spec({"type": "AdamW", "lr": 1e-3})["fused"] is True
+    assert fused_optimizer_spec({"type": "AdamW", "fused": False})["fused"] is False
+    assert "fused" not in fused_optimizer_spec({"type": "AdamW", "foreach": True})  # torch refuses both
+    assert "fused" not in fused_optimizer_spec({"type": "RMSprop"})

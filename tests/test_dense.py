@@ -13,7 +13,7 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from detkit.assigners import ATSSAssigner, CenterNetAssigner
 from detkit.bench.references import per_image_atss_assign
-from detkit.models.gfl import GFLHead, integral
+from detkit.models.gfl import DFL_MARGIN, GFLHead, integral
 from detkit.ops import aligned_box_iou, bbox2distance, dense_points, distance2bbox
 from tests.test_assigners import cornernet_radius, draw_umich_gaussian, random_boxes
 
@@ -78,7 +78,7 @@ def test_gfl_loss_equals_positives_only_formulation():
     assert got["cls"].item() == pytest.approx(qfl.sum().item() / len(p), rel=1e-5)
     giou = generalized_box_iou_loss(pred, target, reduction="none")
     assert got["bbox"].item() == pytest.approx(2.0 * (weight * giou).sum().item() / max(weight.sum().item(), 1.0), rel=1e-5)
-    sides = bbox2distance(centres, target).clamp(0, 4 - 0.01).reshape(-1)
+    sides = bbox2distance(centres, target).clamp(0, 4 - DFL_MARGIN).reshape(-1)
     logits = dist[b, p].reshape(-1, 5)
     left = sides.long()
     dfl = F.cross_entropy(logits, left, reduction="none") * (left + 1 - sides) \
@@ -154,3 +154,16 @@ def test_centernet_nms_iou_at_decode():
     assert len(det["boxes"]) == 1 and det["scores"][0] == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item())
     boxes, scores, labels = head.predict_padded((heat, wh, offset), sizes)
     assert (scores > 0).sum() == 1 and labels[0, 1] == -1
+
+
+def test_atss_anchor_scale_is_checked_and_gfl_integral_stays_fp32_under_autocast():
+    from detkit.registry import ConfigError
+
+    for bad in (0, -1.0, float("nan"), "a", None):
+        with pytest.raises(ConfigError, match="anchor_scale must be a number > 0"):
+            ATSSAssigner([8], anchor_scale=bad)
+    logits = torch.randn(3, 4 * 17, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = integral(logits, 16)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, integral(logits, 16), rtol=0, atol=1e-6)

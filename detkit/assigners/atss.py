@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 from detkit.assigners.base import AssignResult, DenseAssigner, gather_assigned
 from detkit.ops.boxes import aligned_box_iou, bbox2distance
 from detkit.ops.priors import Priors
-from detkit.registry import ASSIGNERS, positive_int
+from detkit.registry import ASSIGNERS, ConfigError, config_path, positive_int
 
 #: A candidate's centre must lie this many pixels inside its GT box (mmdetection's 0.01).
 INSIDE_EPS = 0.01
@@ -35,6 +36,9 @@ class ATSSAssigner(DenseAssigner):
     def __init__(self, strides: Sequence[int], topk: int = 9, anchor_scale: float = 8.0) -> None:
         super().__init__(strides)
         self.topk = positive_int(topk, "topk")
+        if isinstance(anchor_scale, bool) or not isinstance(anchor_scale, (int, float)) or not 0 < anchor_scale < math.inf:
+            raise ConfigError(f"{config_path('anchor_scale')} must be a number > 0 (anchor side in strides), "
+                              f"got {anchor_scale!r}")
         self.anchor_scale = float(anchor_scale)
 
     def anchors(self, priors: Priors) -> Tensor:
@@ -57,7 +61,7 @@ class ATSSAssigner(DenseAssigner):
         anchors = self.anchors(priors)[candidates]  # (B, K, G, 4)
         boxes = gt_boxes.unsqueeze(1)  # (B, 1, G, 4)
         iou = aligned_box_iou(anchors, boxes)  # (B, K, G)
-        threshold = iou.mean(1, keepdim=True) + iou.std(1, keepdim=True)
+        threshold = iou.mean(1, keepdim=True) + iou.std(1, keepdim=True).nan_to_num(0.0)  # one candidate: std 0
         inside = bbox2distance(points[candidates], boxes).amin(-1) > INSIDE_EPS
         chosen = (iou >= threshold) & inside & gt_mask.unsqueeze(1)
         # A prior chosen by several GTs takes the highest IoU, then the first GT: two scatters over

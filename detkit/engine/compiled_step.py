@@ -5,7 +5,10 @@ code; the optimizer step is the fused kernel (``fused=True``, set by the runner)
 one, because the LR schedule changes ``lr`` every step and a compiled step would recompile for each
 value. Shapes are made static so that one compiled graph (and one CUDA graph) serves a whole run:
 images are zero-padded at the bottom/right to a multiple of :data:`SIZE_BUCKET` pixels, GT lists to
-a power of two (at least :data:`MIN_GTS`) with masked-out rows, which change no loss term.
+a power of two (at least :data:`MIN_GTS`) with masked-out rows. The GT rows change no loss term; the
+image padding does add priors over the padded area (more classification negatives, as any larger
+padded batch does in eager), so losses equal eager's on the same bucketed batch, not on the
+unpadded one. Loss-weight schedules are refused: their value would be a guard (a recompile per step).
 """
 
 from __future__ import annotations

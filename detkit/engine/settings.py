@@ -66,8 +66,9 @@ def _spec_list(key: str, value: Any) -> list[dict[str, Any]]:
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16
     or AMX (elsewhere oneDNN emulates bf16 and autocast would be slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # not emulated bf16 (pre-Ampere GPUs): that is slower than fp32
+        with torch.cuda.device(device):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 

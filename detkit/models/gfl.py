@@ -27,14 +27,15 @@ GFL_LOSSES = {
     "bbox": {"type": "GIoULoss", "loss_weight": 2.0},
     "dfl": {"type": "DistributionFocalLoss", "loss_weight": 0.25},
 }
-#: DFL targets stop this far below ``reg_max`` (mmdetection's ``bbox2distance`` clamp).
-DFL_MARGIN = 0.01
+#: DFL targets stop this far below ``reg_max`` (mmdetection's ``DistancePointBBoxCoder`` eps).
+DFL_MARGIN = 0.1
 
 
 def integral(distribution: Tensor, reg_max: int) -> Tensor:
     """Logits ``(..., 4 * (reg_max + 1))`` -> expected distance per side ``(..., 4)`` in bin units."""
     probs = F.softmax(distribution.reshape(*distribution.shape[:-1], 4, reg_max + 1).float(), dim=-1)
-    return probs @ torch.arange(reg_max + 1, device=probs.device, dtype=probs.dtype)
+    # a product and a sum, not `probs @ bins`: autocast would run the matmul in bf16 (8 px steps on P7)
+    return (probs * torch.arange(reg_max + 1, device=probs.device, dtype=probs.dtype)).sum(-1)
 
 
 @HEADS.register()
