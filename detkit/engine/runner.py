@@ -28,7 +28,8 @@ from detkit.engine.checkpoint import (
 )
 from detkit.engine.compiled_step import CompiledLoss
 from detkit.engine.evaluator import EvalSettings, evaluate_model
-from detkit.engine.hooks import TermGradNormHook, build_hooks
+from detkit.engine.hooks import CloseMosaic, TermGradNormHook, build_hooks
+from detkit.engine.hooks.close_mosaic import mixing_steps
 from detkit.engine.load_from import load_pretrained
 from detkit.engine.optim import build_optimizer, check_optimizer_spec
 from detkit.engine.rng import seed_everything
@@ -172,6 +173,8 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
     elif cfg.get("load_from"):
         load_report = load_pretrained(model, str(cfg["load_from"]))
     hooks = build_hooks(cfg, settings, val_loader, model)
+    if any(isinstance(h, CloseMosaic) for h in hooks):
+        mixing_steps(loader.dataset)
     if settings.compile == "full":  # the neck's outputs are inside the compiled graph: no per-term gradients
         hooks = [h for h in hooks if not isinstance(h, TermGradNormHook)]
     # validated and built: from here on the work dir is written

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from detkit.engine.hooks.base import Hook
 from detkit.registry import HOOKS, ConfigError, positive_int
@@ -12,6 +12,16 @@ if TYPE_CHECKING:
     from detkit.engine.trainer import Trainer
 
 logger = logging.getLogger("detkit")
+
+
+def mixing_steps(dataset: Any) -> list:
+    """The mixing transforms (Mosaic, MixUp) of ``dataset``'s pipeline; a :class:`ConfigError` when it has none."""
+    pipeline = getattr(dataset, "transforms", None)
+    steps = pipeline.mixing() if hasattr(pipeline, "mixing") else []
+    if not steps:
+        raise ConfigError("CloseMosaic (close_mosaic): data.train.transforms has no mixing transform (Mosaic, "
+                          "MixUp) to turn off; add one or drop close_mosaic")
+    return steps
 
 
 @HOOKS.register()
@@ -30,14 +40,11 @@ class CloseMosaic(Hook):
         self.epochs = positive_int(epochs, "epochs")
 
     def before_train(self, trainer: "Trainer") -> None:
-        pipeline = getattr(trainer.loader.dataset, "transforms", None)
-        if not hasattr(pipeline, "mixing") or not pipeline.mixing():
-            raise ConfigError("CloseMosaic (close_mosaic): data.train.transforms has no mixing transform (Mosaic, "
-                              "MixUp) to turn off; add one or drop close_mosaic")
+        mixing_steps(trainer.loader.dataset)  # the runner checks it before writing; this covers direct use
 
     def before_epoch(self, trainer: "Trainer") -> None:
         on = trainer.epoch < trainer.max_epochs - self.epochs
-        steps = trainer.loader.dataset.transforms.mixing()
+        steps = mixing_steps(trainer.loader.dataset)
         if all(step.enabled == on for step in steps):
             return
         for step in steps:
