@@ -6,7 +6,7 @@ import contextlib
 import copy
 import io
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -15,7 +15,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
-from detkit.registry import ConfigError, check_keys
+from detkit.engine.settings import section_settings
+from detkit.registry import ConfigError
 
 logger = logging.getLogger("detkit")
 
@@ -70,11 +71,7 @@ class EvalSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "EvalSettings":
         """``cfg['eval']`` over the defaults; raises :class:`ConfigError` naming ``eval.<key>``."""
-        given = cfg.get("eval") or {}
-        if not isinstance(given, Mapping):
-            raise ConfigError(f"eval must be a mapping like {{backend: pycocotools}}, got {given!r}")
-        check_keys(given, [f.name for f in fields(cls)], "eval", "setting")
-        settings = cls(**given)
+        settings = section_settings(cls, cfg, "eval")
         if settings.backend not in BACKENDS:
             raise ConfigError(f"eval.backend must be one of {', '.join(BACKENDS)}, got {settings.backend!r}")
         if not isinstance(settings.diagnostics, bool):

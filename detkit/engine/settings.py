@@ -79,6 +79,16 @@ def resolve_amp(amp: str | None, device: torch.device) -> str | None:
     return amp
 
 
+def section_settings(cls: type, cfg: Mapping[str, Any], section: str) -> Any:
+    """``cls(**cfg[section])`` for a settings dataclass, after checking that the section is a mapping
+    of known keys (a :class:`ConfigError` naming ``section.<key>`` otherwise); values are the caller's."""
+    given = cfg.get(section) or {}
+    if not isinstance(given, Mapping):
+        raise ConfigError(f"{section} must be a mapping of settings, got {type(given).__name__}: {given!r}")
+    check_keys(given, [f.name for f in dataclasses.fields(cls)], section, "setting")
+    return cls(**given)
+
+
 @dataclass
 class TrainSettings:
     """Every ``train.*`` setting with its default; :meth:`from_config` validates a config's section."""
@@ -112,11 +122,7 @@ class TrainSettings:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "TrainSettings":
         """``cfg['train']`` over the defaults; raises :class:`ConfigError` naming ``train.<key>``."""
-        given = cfg.get("train") or {}
-        if not isinstance(given, Mapping):
-            raise ConfigError(f"train must be a mapping of settings, got {type(given).__name__}: {given!r}")
-        check_keys(given, [f.name for f in dataclasses.fields(cls)], "train", "setting")
-        settings = cls(**given)
+        settings = section_settings(cls, cfg, "train")
         settings.validate()
         return settings
 
