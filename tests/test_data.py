@@ -283,7 +283,7 @@ def test_image_size_must_match_the_json(tmp_path):
     data = json.loads(path.read_text())
     data["images"][0]["width"] = 9
     path.write_text(json.dumps(data))
-    with pytest.raises(DatasetError, match=r"a\.png is 8x8 but .* says 9x8"):
+    with pytest.raises(DatasetError, match=r"a\.png is 8x8 \(upright by its EXIF orientation\) but .* says 9x8"):
         CocoDataset(str(path), str(tmp_path / "images"))[0]
     del data["images"][0]["width"]
     path.write_text(json.dumps(data))

@@ -228,7 +228,7 @@ def test_bad_voc_files_are_named(voc, damage, error, match):
 
 def test_an_image_of_another_size_than_its_xml_names_the_xml(voc):
     _set(voc / "Annotations/a.xml", "<width>64</width>", "<width>60</width>")
-    with pytest.raises(DatasetError, match=r"a\.jpg is 64x48 but .*Annotations/a\.xml says 60x48"):
+    with pytest.raises(DatasetError, match=r"a\.jpg is 64x48 \(upright by its EXIF orientation\) but .*Annotations/a\.xml says 60x48"):
         VOCDataset(str(voc))[0]
 
 
@@ -273,3 +273,23 @@ def test_train_and_evaluate_from_yaml(fmt, voc, yolo, tmp_path):
     assert len(evals) == 1 and list(evals[0]["per_class"]) == CLASSES
     results = json.loads(next((tmp_path / "w/results").glob("bbox_epoch_*.json")).read_text())
     assert results and {r["category_id"] for r in results} <= {1, 2, 3}
+
+
+def test_exif_rotated_photos_are_read_upright(tmp_path):
+    """A phone photo stored sideways (EXIF orientation 6: rotate 90 degrees clockwise to view): pixels and
+    the YOLO image size are those of the upright picture, as labelling tools and ultralytics see it."""
+    from PIL import Image
+
+    from detkit.data.coco import decode_rgb
+    from detkit.data.yolo import _image_size
+
+    stored = Image.new("RGB", (40, 20), (255, 0, 0))
+    stored.paste((0, 0, 255), (0, 0, 10, 20))  # blue left strip: after rotating clockwise it is on top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    stored.save(path, exif=exif.tobytes(), quality=95)
+    image = decode_rgb(path)
+    assert tuple(image.shape) == (3, 40, 20)
+    assert image[2, :8].float().mean() > 200 and image[0, -8:].float().mean() > 200  # blue on top, red below
+    assert _image_size(path) == (20, 40)

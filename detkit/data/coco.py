@@ -38,11 +38,12 @@ def load_coco(ann_file: str | os.PathLike) -> COCO:
 
 def decode_rgb(path: Path) -> torch.Tensor:
     """Read an image file as ``uint8 (3, H, W)`` RGB (grayscale and RGBA are converted; 16-bit images are
-    scaled to 8 bits, ``value >> 8``, never wrapped modulo 256)."""
+    scaled to 8 bits, ``value >> 8``, never wrapped modulo 256), turned upright by its EXIF orientation
+    as a photo viewer, labelling tools, detectron2 and OpenCV show it (a phone photo is stored sideways)."""
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
-        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except RuntimeError as err:
         if "alloc" in str(err).lower():
             raise DatasetError(f"{path}: the image is too large to decode in memory ({err})") from None
@@ -187,8 +188,8 @@ class CocoDataset(Dataset):
         h, w = image.shape[-2:]
         info = self.coco.imgs[image_id]
         if (info["height"], info["width"]) != (h, w):
-            raise DatasetError(f"{self.image_path(index)} is {w}x{h} but {self.source(image_id)} says "
-                               f"{info['width']}x{info['height']} (image id {image_id})")
+            raise DatasetError(f"{self.image_path(index)} is {w}x{h} (upright by its EXIF orientation) but "
+                               f"{self.source(image_id)} says {info['width']}x{info['height']} (image id {image_id})")
         boxes, labels = self._targets[image_id]
         target = {
             "boxes": tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=(h, w)),

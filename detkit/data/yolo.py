@@ -101,13 +101,20 @@ def parse_yolo_txt(path: Path, width: int, height: int, num_classes: int) -> lis
     return boxes
 
 
+#: EXIF orientations (5-8) that store the picture transposed: width and height swap once upright.
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
+
+
 def _image_size(path: Path) -> tuple[int, int] | None:
-    """``(width, height)`` from the file header (no decoding), or None when it cannot be read."""
+    """Upright ``(width, height)`` from the file header and its EXIF orientation (no decoding), as
+    ultralytics' ``exif_size``; None when it cannot be read."""
     try:
         with Image.open(path) as image:
-            return image.size
+            width, height = image.size
+            transposed = image.getexif().get(0x0112, 1) in TRANSPOSED_ORIENTATIONS
     except OSError:
         return None
+    return (height, width) if transposed else (width, height)
 
 
 def yolo_to_coco(data_root: str, img_dir: str = "images/train", label_dir: str = "labels/train",
