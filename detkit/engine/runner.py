@@ -230,9 +230,9 @@ def run_training(cfg: dict[str, Any], work_dir: Path, device: str | None = None,
     trainer = build_trainer(cfg, work_dir, device, resume, overwrite)
     if trainer is None:
         return
-    logger.info("training %s on %s: %d epochs x %d steps (accumulate %d), %d process(es), work_dir %s",
-                cfg["model"].get("type"), trainer.device, trainer.max_epochs, trainer.steps_per_epoch,
-                trainer.accumulate, trainer.world, work_dir)
+    logger.info("training %s on %s (%s): %d epochs x %d steps (accumulate %d), %d process(es), work_dir %s",
+                cfg["model"].get("type"), trainer.device, f"{trainer.amp} autocast" if trainer.amp else "fp32",
+                trainer.max_epochs, trainer.steps_per_epoch, trainer.accumulate, trainer.world, work_dir)
     try:
         trainer.train()
     finally:
