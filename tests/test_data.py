@@ -289,3 +289,17 @@ def test_image_size_must_match_the_json(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(DatasetError, match="image id 1 .* needs positive 'width' and 'height'"):
         CocoDataset(str(path), str(tmp_path / "images"))
+
+
+def test_skip_bad_images_also_skips_a_bad_mosaic_partner(coco_fixture):
+    (coco_fixture.parent / "images/a.png").write_bytes(b"not a png at all")
+    spec = {"type": "CocoDataset", "ann_file": str(coco_fixture), "img_dir": str(coco_fixture.parent / "images"),
+            "filter_empty": False, "transforms": [{"type": "Mosaic", "size": 32}]}
+    with pytest.raises(DatasetError, match=r"a\.png: cannot decode image"):
+        build_dataset(spec)[0]
+    ds = build_dataset({**spec, "skip_bad_images": True})
+    for seed in range(6):  # partner draws that hit a.png fall through to the next image (and some do)
+        torch.manual_seed(seed)
+        for index in range(len(ds)):
+            image, _ = ds[index]
+            assert tuple(image.shape) == (3, 32, 32)

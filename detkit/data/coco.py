@@ -199,17 +199,19 @@ class CocoDataset(Dataset):
         }
         return tv_tensors.Image(image), target
 
-    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+    def load_readable(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        """``load(index)``, or with ``skip_bad_images`` the next readable item (a warning per bad one)."""
         for offset in range(len(self)):
             try:
-                image, target = self.load((index + offset) % len(self))
-                break
+                return self.load((index + offset) % len(self))
             except (FileNotFoundError, DatasetError) as err:
                 if not self.skip_bad_images:
                     raise
                 logger.warning("skipping bad image: %s", err)
-        else:
-            raise DatasetError(f"{self.ann_file}: no image could be read")
+        raise DatasetError(f"{self.ann_file}: no image could be read")
+
+    def __getitem__(self, index: int) -> tuple[tv_tensors.Image, dict[str, Any]]:
+        image, target = self.load_readable(index)
         try:
             return self.transforms(image, target)
         except (MemoryError, RuntimeError) as err:

@@ -70,8 +70,9 @@ def paste(canvas: Tensor, image: Tensor, x0: int, y0: int) -> None:
 
 
 class MixSource:
-    """Dataset item ``index`` before its transforms (``dataset.load``), run through ``before`` (the
-    transforms listed before the mixing one)."""
+    """Dataset item ``index`` before its transforms (``dataset.load_readable`` where the dataset has it,
+    so that ``skip_bad_images`` also skips bad partner images; else ``dataset.load``), run through
+    ``before`` (the transforms listed before the mixing one)."""
 
     def __init__(self, dataset: Any, before: Callable | None) -> None:
         self.dataset, self.before = dataset, before
@@ -80,7 +81,8 @@ class MixSource:
         return len(self.dataset)
 
     def __call__(self, index: int) -> Sample:
-        image, target = self.dataset.load(index)
+        load = getattr(self.dataset, "load_readable", self.dataset.load)
+        image, target = load(index)
         return self.before(image, target) if self.before is not None else (image, target)
 
 
