@@ -12,6 +12,7 @@ from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
 from detkit.models.detector import Detector
 from detkit.models.head import DetectionHead
+from detkit.ops.boxes import gather_cells
 from detkit.ops.nms import topk_min
 from detkit.registry import ASSIGNERS, DETECTORS, HEADS, positive_int
 
@@ -28,12 +29,6 @@ def branch(in_channels: int, feat_channels: int, out_channels: int) -> nn.Sequen
     """3x3 conv -> ReLU -> 1x1 conv, CenterNet's output branch."""
     return nn.Sequential(nn.Conv2d(in_channels, feat_channels, 3, padding=1), nn.ReLU(inplace=True),
                          nn.Conv2d(feat_channels, out_channels, 1))
-
-
-def gather_cells(maps: Tensor, index: Tensor) -> Tensor:
-    """``maps (B, K, H, W)`` at flat cells ``index (B, G)`` -> ``(B, G, K)``."""
-    flat = maps.flatten(2)  # (B, K, HW)
-    return flat.gather(2, index.unsqueeze(1).expand(-1, maps.shape[1], -1)).transpose(1, 2)
 
 
 @HEADS.register()

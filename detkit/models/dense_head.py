@@ -50,13 +50,6 @@ def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
     return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, m.shape[1]) for m in maps], dim=1)
 
 
-def gather_points(level_map: Tensor, point: Tensor) -> Tensor:
-    """``(B, K, H, W)`` at flat cells ``point (B, N)`` -> ``(B, N, K)``."""
-    batch, channels = level_map.shape[:2]
-    flat = level_map.permute(0, 2, 3, 1).reshape(batch, -1, channels)
-    return flat.gather(1, point.unsqueeze(-1).expand(-1, -1, channels))
-
-
 class DenseHead(DetectionHead):
     """Shared cls/reg towers over FPN levels, a learnable ``Scale`` per level, point priors, decoding.
 

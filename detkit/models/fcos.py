@@ -9,9 +9,9 @@ from torch import Tensor, nn
 from detkit.assigners.fcos import DEFAULT_RANGES, INF, fcos_targets
 from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
-from detkit.models.dense_head import DenseHead, flatten_levels, gather_points
+from detkit.models.dense_head import DenseHead, flatten_levels
 from detkit.models.detector import Detector
-from detkit.ops.boxes import ltrb_to_boxes
+from detkit.ops.boxes import gather_cells, ltrb_to_boxes
 from detkit.registry import DETECTORS, HEADS
 
 #: The loss kinds each FCOS term takes.
@@ -97,7 +97,7 @@ class FCOSHead(DenseHead):
         return (cls.float().sigmoid() * ctr.float().sigmoid()).sqrt()
 
     def level_distances(self, maps: tuple[Tensor, ...], point: Tensor, stride: int) -> Tensor:
-        ltrb = gather_points(maps[1].float(), point)
+        ltrb = gather_cells(maps[1].float(), point)
         return ltrb * stride if self.norm_on_bbox else ltrb
 
 

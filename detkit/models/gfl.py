@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
-from detkit.models.dense_head import DenseHead, flatten_levels, gather_points
+from detkit.models.dense_head import DenseHead, flatten_levels
 from detkit.models.detector import Detector
-from detkit.ops.boxes import aligned_box_iou, bbox2distance, distance2bbox
+from detkit.ops.boxes import aligned_box_iou, bbox2distance, distance2bbox, gather_cells
 from detkit.registry import DETECTORS, HEADS, positive_int
 
 #: The loss kinds each GFL term takes: the cls term takes a (labels, IoU) quality target.
@@ -105,7 +105,7 @@ class GFLHead(DenseHead):
         return maps[0].float().sigmoid()
 
     def level_distances(self, maps: tuple[Tensor, ...], point: Tensor, stride: int) -> Tensor:
-        return integral(gather_points(maps[1], point), self.reg_max) * stride
+        return integral(gather_cells(maps[1], point), self.reg_max) * stride
 
 
 @DETECTORS.register()

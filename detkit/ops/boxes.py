@@ -29,6 +29,13 @@ def ltrb_to_boxes(ltrb: Tensor) -> Tensor:
     return torch.cat([-ltrb[..., :2], ltrb[..., 2:]], dim=-1)
 
 
+def gather_cells(maps: Tensor, index: Tensor) -> Tensor:
+    """``maps (B, K, H, W)`` at flat cells ``index (B, N)`` (``row * W + col``) -> ``(B, N, K)``: the values
+    of the chosen cells only, without reordering the whole map."""
+    flat = maps.flatten(2)  # (B, K, HW)
+    return flat.gather(2, index.unsqueeze(1).expand(-1, maps.shape[1], -1)).transpose(1, 2)
+
+
 def clip_boxes(boxes: Tensor, image_sizes: Tensor) -> Tensor:
     """Clip ``boxes (B, K, 4)`` to each image's ``(h, w)`` in ``image_sizes (B, 2)``."""
     sizes = image_sizes.to(boxes.device, boxes.dtype)
