@@ -119,7 +119,6 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
         if not isinstance(cfg.get(section), dict):
             raise ConfigError(f"the config has no '{section}' section (a mapping); see configs/ for examples")
     settings = TrainSettings.from_config(cfg)
-    EvalSettings.from_config(cfg)  # a bad eval section or a missing backend fails before anything is written
     data_settings(cfg["data"])
     check_writer_specs(settings.writers)
     optimizer_spec = check_optimizer_spec(cfg.get("optimizer") or {"type": "SGD", "lr": 0.01, "momentum": 0.9})

@@ -24,7 +24,8 @@ class _CodeWeightedLoss(WeightedLoss):
 
     kinds = frozenset({"box", "regression", "score"})
 
-    def __init__(self, code_weights: Sequence[float] | None, reduction: str, loss_weight: float) -> None:
+    def __init__(self, code_weights: Sequence[float] | None = None, reduction: str = "mean",
+                 loss_weight: float = 1.0) -> None:
         super().__init__(reduction, loss_weight)
         weights = None if code_weights is None else torch.as_tensor(code_weights, dtype=torch.float32)
         self.register_buffer("code_weights", weights, persistent=False)
@@ -73,10 +74,6 @@ class SmoothL1Loss(_CodeWeightedLoss):
 class L1Loss(_CodeWeightedLoss):
     """L1: ``|pred - target|``. Shapes: ``pred, target (..., K)``; elementwise loss ``(..., K)``."""
 
-    def __init__(self, code_weights: Sequence[float] | None = None, reduction: str = "mean",
-                 loss_weight: float = 1.0) -> None:
-        super().__init__(code_weights, reduction, loss_weight)
-
     def distance(self, pred: Tensor, target: Tensor) -> Tensor:
         return F.l1_loss(pred, target, reduction="none")
 
@@ -84,10 +81,6 @@ class L1Loss(_CodeWeightedLoss):
 @LOSSES.register()
 class MSELoss(_CodeWeightedLoss):
     """Squared error ``(pred - target)^2``. Shapes as L1Loss. Equals ``F.mse_loss`` and mmdetection's ``MSELoss``."""
-
-    def __init__(self, code_weights: Sequence[float] | None = None, reduction: str = "mean",
-                 loss_weight: float = 1.0) -> None:
-        super().__init__(code_weights, reduction, loss_weight)
 
     def distance(self, pred: Tensor, target: Tensor) -> Tensor:
         return F.mse_loss(pred, target, reduction="none")

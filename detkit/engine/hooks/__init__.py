@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from detkit.engine.evaluator import EvalSettings
 from detkit.engine.hooks.balance import Uncertainty
 from detkit.engine.hooks.base import Hook
 from detkit.engine.hooks.checkpoint import CheckpointHook
@@ -32,8 +33,9 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
         hooks.append(EMAHook(*s.ema_decay))
     if s.close_mosaic:
         hooks.append(CloseMosaic(s.close_mosaic))
+    eval_settings = EvalSettings.from_config(cfg)  # checked with or without a val set, before anything is written
     if val_loader is not None:
-        hooks.append(EvalHook(val_loader, s.eval_interval, s.best_metric, s.vis_images))
+        hooks.append(EvalHook(val_loader, s.eval_interval, s.best_metric, s.vis_images, eval_settings))
     if s.early_stop is not None:
         if val_loader is None:
             raise ConfigError("train.early_stop needs evaluations: add a data.val dataset")

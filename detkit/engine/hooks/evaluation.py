@@ -28,21 +28,19 @@ def better(value: float, best: float | None, mode: str, min_delta: float = 0.0) 
 class EvalHook(Hook):
     """Evaluates the (EMA) model on ``data.val`` after every ``interval`` epochs, the last one and an
     early stop; writes an ``eval`` record, val pictures and ``results/bbox_epoch_N.json``, and
-    ``best.pth`` (inference weights only) when ``metric`` improves. With ``eval.diagnostics`` (the
-    config's ``eval`` section, read at the start of training) also ``eval_epoch_N/`` (PR curves,
+    ``best.pth`` (inference weights only) when ``metric`` improves. With ``settings.diagnostics``
+    (the config's ``eval`` section, :class:`EvalSettings`) also ``eval_epoch_N/`` (PR curves,
     confusion matrix, per-class AP table, lowest-recall images) and ``results.png`` (training curves).
     ``trainer.summary`` gets the last metrics and the best value and epoch."""
 
     priority = 60
 
-    def __init__(self, loader: Any, interval: int = 1, metric: str = "AP", vis_images: int = 4) -> None:
+    def __init__(self, loader: Any, interval: int = 1, metric: str = "AP", vis_images: int = 4,
+                 settings: EvalSettings | None = None) -> None:
         self.loader, self.interval, self.metric, self.vis_images = loader, interval, metric, vis_images
         self.best: float | None = None
         self.best_epoch = 0
-        self.settings = EvalSettings()
-
-    def before_train(self, trainer: "Trainer") -> None:
-        self.settings = EvalSettings.from_config(trainer.cfg)
+        self.settings = settings or EvalSettings()
 
     def after_epoch(self, trainer: "Trainer") -> None:
         due = trainer.epoch % self.interval == 0 or trainer.epoch == trainer.max_epochs or trainer.stop_reason
