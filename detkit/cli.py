@@ -161,14 +161,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from detkit.export import export_checkpoint
+    from detkit.export import ExportError, export_checkpoint
 
-    check = export_checkpoint(args.checkpoint, args.format, args.out, dynamo=not args.legacy_exporter)
+    try:
+        check = export_checkpoint(args.checkpoint, args.format, args.out, dynamo=not args.legacy_exporter)
+    except ExportError as err:  # the exporter failed or its file failed the check: nothing was written
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {args.out} ({check['mib']:.1f} MiB): uint8 images (B, 3, H, W) -> boxes (B, N, 4), scores (B, N), "
           f"labels (B, N) (empty slots: score 0, label -1). Check against PyTorch on a 256x320 image: max box "
-          f"difference {check['box_diff']:.2g} px, max score difference {check['score_diff']:.2g}, "
-          f"labels {'equal' if check['same_labels'] else 'DIFFERENT'}")
-    return 0 if check["same_labels"] and check["box_diff"] < 0.5 else 1
+          f"difference {check['box_diff']:.2g} px, max score difference {check['score_diff']:.2g}, labels equal")
+    return 0
 
 
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
@@ -224,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_export = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript (also: tools/export.py)")
     p_export.add_argument("--checkpoint", required=True)
     p_export.add_argument("--format", required=True, choices=["onnx", "torchscript"])
-    p_export.add_argument("--out", required=True, help="the file to write (.onnx or .pt)")
+    p_export.add_argument("--out", required=True,
+                          help="the file to write (.onnx or .pt); replaced only once the new file passed the check")
     p_export.add_argument("--legacy-exporter", action="store_true",
                           help="ONNX through torch.onnx's TorchScript-based exporter (faster to export; same graph)")
     p_export.set_defaults(func=cmd_export)

@@ -14,10 +14,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detkit.engine.inference import replaced_on_success
 from detkit.ops.nms import image_sizes_of
 from detkit.registry import ConfigError
 
 OUTPUT_NAMES = ["boxes", "scores", "labels"]
+MAX_BOX_DIFF = 0.5  # px: an export whose boxes differ more from PyTorch's (or whose labels differ) is not written
+
+
+class ExportError(RuntimeError):
+    """The exporter failed, or the exported file's detections differ from PyTorch's (``--out`` is left as it was)."""
 
 
 class ExportWrapper(nn.Module):
@@ -96,13 +102,30 @@ def run_exported(path: Path, fmt: str, images: Tensor) -> tuple[Tensor, Tensor, 
         return module(images)
 
 
+def check_export_target(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
+    """``out`` as a Path, refused (:class:`ConfigError`) when it is a folder or the checkpoint itself."""
+    out, checkpoint = Path(out), Path(checkpoint)
+    suffix = ".onnx" if fmt == "onnx" else ".pt"
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file path such as {out / (checkpoint.stem + suffix)}")
+    if out.resolve() == checkpoint.resolve() or (out.exists() and checkpoint.exists() and out.samefile(checkpoint)):
+        raise ConfigError(f"--out {out} is the checkpoint being exported ({checkpoint}); writing it would replace "
+                          f"the checkpoint: give another file, e.g. {checkpoint.with_suffix(suffix)}")
+    return out
+
+
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo: bool = True) -> dict[str, float]:
     """Export ``checkpoint``'s inference weights to ``out`` and check the file against PyTorch eager on a
-    random 256x320 image: returns the max box / score differences and the file size (MiB)."""
+    random 256x320 image: returns the max box / score differences and the file size (MiB).
+
+    The file is written beside ``out`` and moved over it only once the check passed; an exporter error or a
+    failed check is an :class:`ExportError` and leaves an existing ``out`` as it was.
+    """
     from detkit.api import load_detector
 
     if fmt not in ("onnx", "torchscript"):
         raise ConfigError(f"--format must be onnx or torchscript, got {fmt!r}")
+    out = check_export_target(checkpoint, fmt, out)
     if fmt == "onnx":
         for module in ("onnx", "onnxruntime") + (("onnxscript",) if dynamo else ()):
             require(module)
@@ -110,20 +133,26 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo:
     if fmt == "torchscript" and getattr(detector.head, "stride_from_input", False):
         raise ConfigError("--format torchscript: this head spaces points by the input size (stride_from_input), "
                           "which a trace freezes at one size; export to onnx instead")
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        (export_onnx(detector, tmp, dynamo=dynamo) if fmt == "onnx" else export_torchscript(detector, tmp))
-        image = torch.randint(0, 256, (1, 3, 256, 320), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        boxes, scores, labels = run_exported(tmp, fmt, image)
+    kept = f"{out} not written" + (" (the existing file is unchanged)" if out.exists() else "")
+    image = torch.randint(0, 256, (1, 3, 256, 320), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with replaced_on_success(out) as tmp:
+        try:
+            (export_onnx(detector, tmp, dynamo=dynamo) if fmt == "onnx" else export_torchscript(detector, tmp))
+            boxes, scores, labels = run_exported(tmp, fmt, image)
+        except Exception as err:  # the exporters raise many types; the first line says what went wrong
+            reason = (str(err).strip().splitlines() or [""])[0][:300]
+            raise ExportError(f"exporting {checkpoint} to {fmt} failed ({type(err).__name__}: {reason}); "
+                              f"{kept}") from err
         with torch.no_grad():
             ref = ExportWrapper(detector)(image)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {"box_diff": float((boxes - ref[0]).abs().max()), "score_diff": float((scores - ref[1]).abs().max()),
-            "same_labels": bool(torch.equal(labels, ref[2])), "mib": out.stat().st_size / 2 ** 20}
+        check = {"box_diff": float((boxes - ref[0]).abs().max()), "score_diff": float((scores - ref[1]).abs().max()),
+                 "same_labels": bool(torch.equal(labels, ref[2]))}
+        if not (check["same_labels"] and check["box_diff"] < MAX_BOX_DIFF):
+            raise ExportError(f"the exported {fmt} file differs from PyTorch on a 256x320 image (max box difference "
+                              f"{check['box_diff']:.2g} px, labels {'equal' if check['same_labels'] else 'different'}"
+                              f"); {kept}")
+    return {**check, "mib": out.stat().st_size / 2 ** 20}
 
 
 def bench_export(config: str | Path, size: int = 512, repeat: int = 20, threads: int = 2) -> list[dict[str, Any]]:

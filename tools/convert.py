@@ -18,6 +18,7 @@ from pathlib import Path
 from detkit.data.annotations import DatasetError
 from detkit.data.voc import voc_to_coco
 from detkit.data.yolo import yolo_to_coco
+from detkit.engine.inference import is_inside, replaced_on_success
 from detkit.registry import ConfigError
 
 
@@ -40,23 +41,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def yolo_names_arg(args: argparse.Namespace) -> str | list[str]:
+    """``--names``: one data.yaml path, or the class names."""
+    one = len(args.names) == 1 and args.names[0].endswith((".yaml", ".yml"))
+    return args.names[0] if one else args.names
+
+
+def checked_out(args: argparse.Namespace) -> Path:
+    """``--out``, refused when writing it would replace an input or add a file to the label folder."""
+    out, root = Path(args.out), Path(args.data_root)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file path such as {out / 'annotations.json'}")
+    voc = args.format == "voc"
+    labels, flag = (root / args.ann_dir, "--ann-dir") if voc else (root / args.label_dir, "--label-dir")
+    if is_inside(out, labels):
+        raise ConfigError(f"--out {out} is inside the {'VOC annotation' if voc else 'YOLO label'} folder {labels} "
+                          f"({flag}), where it would replace or sit among the files detkit reads; write the json "
+                          f"outside that folder")
+    inputs = [root / args.split_file] if voc and args.split_file else []
+    names = None if voc else yolo_names_arg(args)
+    if isinstance(names, str):
+        inputs.append(root / names)
+    for given in inputs:
+        if out.resolve() == given.resolve():
+            raise ConfigError(f"--out {out} is the input file {given}; give another file name")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        out = checked_out(args)
         if args.format == "voc":
             dataset, _ = voc_to_coco(args.data_root, args.split_file, args.ann_dir, args.classes)
         else:
-            names = args.names[0] if len(args.names) == 1 and args.names[0].endswith((".yaml", ".yml")) else args.names
-            dataset = yolo_to_coco(args.data_root, args.img_dir, args.label_dir, names, args.classes)
+            dataset = yolo_to_coco(args.data_root, args.img_dir, args.label_dir, yolo_names_arg(args), args.classes)
+        image_dir = Path(args.data_root, args.img_dir)
+        if any(out.resolve() == (image_dir / image["file_name"]).resolve() for image in dataset["images"]):
+            raise ConfigError(f"--out {out} is one of the input images; give another file name")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with replaced_on_success(out) as tmp:  # a failed write leaves an existing --out as it was
+            tmp.write_text(json.dumps(dataset))
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dataset))
+    except OSError as err:  # disk full, read-only folder: the path and the reason
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     ignored = sum(a["iscrowd"] for a in dataset["annotations"])
     print(f"wrote {out}: {len(dataset['images'])} images, {len(dataset['annotations'])} boxes ({ignored} ignored), "
           f"classes {[c['name'] for c in dataset['categories']]}; image folder {Path(args.data_root, args.img_dir)}")

@@ -1,21 +1,48 @@
-"""``detkit infer``: detections drawn on image files plus a COCO-results json, never over an input."""
+"""``detkit infer``: detections drawn on image files plus a COCO-results json, never over an input; and the
+output-path helpers the other writing commands share (``export``, ``convert``, ``eval --show-dir``)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from detkit.api import DetectorModel
 from detkit.data.coco import decode_rgb
 from detkit.engine.evaluator import coco_results
 from detkit.registry import ConfigError
 from detkit.visualize import draw_detections, save_grid
 
+if TYPE_CHECKING:  # only the annotation: the engine sits below the API
+    from detkit.api import DetectorModel
+
 logger = logging.getLogger("detkit")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it, links resolved (neither needs to exist)."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
+@contextmanager
+def replaced_on_success(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp file beside ``path`` to write to, moved over ``path`` (``os.replace``) when the block ends without
+    an error and removed when it raises: a failed write or check leaves a previous ``path`` as it was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any file
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def expand_image_paths(paths: Sequence[str], skip: Path | None = None) -> list[tuple[Path, Path]]:

@@ -1,0 +1,164 @@
+"""Outputs never replace inputs, failed writes leave existing files as they were (export, convert, eval
+--show-dir, analyze curves), and predict's arguments are checked first: one named message each."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.io import write_png
+
+import detkit.api
+import detkit.export
+from detkit.api import DetectorModel, load_detector
+from detkit.config import load_config
+from detkit.engine.checkpoint import save_checkpoint
+from detkit.models import build_detector
+from tests.cli_runner import run_main, tiny_shapes
+
+ROOT = Path(__file__).resolve().parents[1]
+FCOS_CFG = ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def captured(func, argv: list[str]) -> tuple[int, str]:
+    """``func(argv)`` -> (exit code, stderr), stdout dropped."""
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = func(argv)
+    return code, err.getvalue()
+
+
+def assert_one_message(err: str, *parts: str) -> None:
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    for part in parts:
+        assert part in err, (part, err)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """An untrained tiny FCOS checkpoint whose config evaluates on 2 generated 64-pixel shapes images."""
+    root = tmp_path_factory.mktemp("ckpt")
+    cfg = load_config(FCOS_CFG, tiny_shapes(root / "data"))
+    torch.manual_seed(0)
+    save_checkpoint({"model": build_detector(cfg["model"]).state_dict(), "config": cfg,
+                     "classes": ["circle", "square", "triangle", "star"]}, root / "work" / "m.pth")
+    return root / "work" / "m.pth"
+
+
+@pytest.fixture(scope="module")
+def detector(checkpoint: Path) -> DetectorModel:
+    return load_detector(checkpoint, "cpu")
+
+
+# 1. export
+
+
+def export(checkpoint: Path, out: Path | str) -> tuple[int, str]:
+    result = run_main("export", "--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(out))
+    return result.returncode, result.stderr
+
+
+def test_export_refuses_the_checkpoint_and_a_folder_as_out(checkpoint):
+    before = snapshot(checkpoint.parent)
+    for out in (checkpoint, checkpoint.parent / ".." / checkpoint.parent.name / checkpoint.name):
+        code, err = export(checkpoint, out)
+        assert code == 2
+        assert_one_message(err, f"--out {out} is the checkpoint being exported", "give another file")
+    code, err = export(checkpoint, checkpoint.parent)
+    assert code == 2
+    assert_one_message(err, f"--out {checkpoint.parent} is a folder; give a file path such as "
+                            f"{checkpoint.parent / 'm.pt'}")
+    assert snapshot(checkpoint.parent) == before
+
+
+def test_a_failed_export_leaves_the_existing_out_as_it_was(checkpoint, detector, tmp_path, monkeypatch):
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"the previous export")
+    monkeypatch.setattr(detkit.api, "load_detector", lambda *args, **kwargs: detector)  # loaded once per module
+    slots = load_config(FCOS_CFG)["model"]["head"]["max_per_img"]  # the exported outputs' fixed size
+
+    def partial_then_fail(detector, path):
+        Path(path).write_bytes(b"half a file")
+        raise RuntimeError("the tracer gave up\nwith a long story")
+
+    def far_off(path, fmt, images):  # an exported file whose boxes are nowhere near PyTorch's
+        return torch.full((1, slots, 4), 1e4), torch.zeros(1, slots), torch.full((1, slots), -1)
+
+    monkeypatch.setattr(detkit.export, "export_torchscript", partial_then_fail)
+    code, err = export(checkpoint, out)
+    assert code == 1
+    assert_one_message(err, "to torchscript failed (RuntimeError: the tracer gave up)",
+                       f"{out} not written (the existing file is unchanged)")
+    assert snapshot(tmp_path) == {"m.pt": b"the previous export"}  # no temp file left
+
+    monkeypatch.setattr(detkit.export, "export_torchscript", lambda detector, path: Path(path).write_bytes(b"new"))
+    monkeypatch.setattr(detkit.export, "run_exported", far_off)
+    code, err = export(checkpoint, out)
+    assert code == 1
+    assert_one_message(err, "differs from PyTorch on a 256x320 image (max box difference 1e+04 px",
+                       f"{out} not written")
+    assert snapshot(tmp_path) == {"m.pt": b"the previous export"}
+
+
+# 2. convert
+
+
+def convert_tool():
+    spec = importlib.util.spec_from_file_location("convert_tool", ROOT / "tools/convert.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture
+def label_sets(tmp_path: Path) -> Path:
+    """One image with one box in the YOLO layout (``yolo/``) and in the VOC layout (``voc/``)."""
+    for folder in ("yolo/images/train", "yolo/labels/train", "voc/Annotations", "voc/JPEGImages", "voc/ImageSets"):
+        (tmp_path / folder).mkdir(parents=True)
+    image = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    write_png(image, str(tmp_path / "yolo/images/train/a.png"))
+    write_png(image, str(tmp_path / "voc/JPEGImages/a.png"))
+    (tmp_path / "yolo/labels/train/a.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    (tmp_path / "yolo/data.yaml").write_text("names: [cell]\n")
+    (tmp_path / "voc/Annotations/a.xml").write_text(
+        "<annotation><filename>a.png</filename><size><width>16</width><height>16</height></size><object>"
+        "<name>cell</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>10</xmax><ymax>10</ymax></bndbox></object>"
+        "</annotation>")
+    (tmp_path / "voc/ImageSets/val.txt").write_text("a\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("fmt, out, message", [
+    ("yolo", "yolo/labels/train/a.txt", "is inside the YOLO label folder"),
+    ("yolo", "yolo/labels/train/val.json", "is inside the YOLO label folder"),
+    ("yolo", "yolo/data.yaml", "is the input file"),
+    ("yolo", "yolo/images/train/a.png", "is one of the input images"),
+    ("yolo", "yolo", "is a folder; give a file path such as"),
+    ("voc", "voc/Annotations/val.json", "is inside the VOC annotation folder"),
+    ("voc", "voc/ImageSets/val.txt", "is the input file"),
+])
+def test_convert_never_writes_over_or_among_its_inputs(label_sets, fmt, out, message):
+    before = snapshot(label_sets)
+    extra = ["--names", "data.yaml"] if fmt == "yolo" else ["--split-file", "ImageSets/val.txt", "--img-dir",
+                                                            "JPEGImages"]
+    code, err = captured(convert_tool(), [fmt, "--data-root", str(label_sets / fmt), *extra,
+                                          "--out", str(label_sets / out)])
+    assert code == 2
+    assert_one_message(err, f"--out {label_sets / out}", message)
+    assert snapshot(label_sets) == before
+
+
+def test_convert_replaces_its_json_atomically(label_sets):
+    out = label_sets / "coco" / "val.json"
+    out.parent.mkdir()
+    out.write_text("old")
+    assert captured(convert_tool(), ["yolo", "--data-root", str(label_sets / "yolo"), "--out", str(out)])[0] == 0
+    assert '"file_name": "a.png"' in out.read_text() and [p.name for p in out.parent.iterdir()] == ["val.json"]
