@@ -14,8 +14,10 @@ from torchvision.io import write_png
 
 import detkit.api
 import detkit.export
+from detkit.analysis.cli import analyze_main, eval_main
 from detkit.api import DetectorModel, load_detector
 from detkit.config import load_config
+from detkit.data import build_dataset
 from detkit.engine.checkpoint import save_checkpoint
 from detkit.models import build_detector
 from tests.cli_runner import run_main, tiny_shapes
@@ -162,3 +164,43 @@ def test_convert_replaces_its_json_atomically(label_sets):
     out.write_text("old")
     assert captured(convert_tool(), ["yolo", "--data-root", str(label_sets / "yolo"), "--out", str(out)])[0] == 0
     assert '"file_name": "a.png"' in out.read_text() and [p.name for p in out.parent.iterdir()] == ["val.json"]
+
+
+# 3. eval --show-dir
+
+
+def test_eval_show_dir_is_checked_before_the_evaluation(checkpoint, tmp_path):
+    image_dir = build_dataset(load_config(FCOS_CFG, tiny_shapes(checkpoint.parents[1] / "data"))["data"]["val"],
+                              "data.val").img_dir
+    afile = tmp_path / "drawings"
+    afile.write_text("not a folder")
+    before = snapshot(checkpoint.parents[1])
+    for show_dir, message in [(image_dir, "is inside the dataset's image folder"),
+                              (image_dir / "show", "is inside the dataset's image folder"),
+                              (afile, f"{afile} is a file; give a folder"),
+                              (afile / "sub", f"{afile} is a file; give a folder")]:
+        code, err = captured(eval_main, ["--checkpoint", str(checkpoint), "--device", "cpu", "--show-dir",
+                                         str(show_dir)])
+        assert code == 2
+        assert_one_message(err, f"--show-dir {show_dir}", message)
+    assert snapshot(checkpoint.parents[1]) == before  # no evaluation ran: no eval_m/ folder
+    assert afile.read_text() == "not a folder"
+
+
+# 4. analyze curves --out
+
+
+def test_curves_out_must_be_a_picture_outside_the_runs_files(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"type": "train", "iter": 1, "epoch": 1, "total": 1.0, "lr": 0.1}\n')
+    (run / "results.png").write_bytes(b"the run's own curves")
+    before = snapshot(tmp_path)
+    for out, message in [(run / "x.jsonl", ".jsonl is not a picture format; give a .png, .pdf, .svg, .jpg, .jpeg"),
+                         (run / "metrics.jsonl", ".jsonl is not a picture format"),
+                         (tmp_path / "curves", "no suffix is not a picture format"),
+                         (run / "results.png", f"is a file of the run {run}")]:
+        code, err = captured(analyze_main, ["curves", str(run), "--out", str(out)])
+        assert code == 2
+        assert_one_message(err, f"--out {out}", message)
+    assert snapshot(tmp_path) == before

@@ -15,6 +15,8 @@ from detkit.data.coco import DatasetError
 from detkit.engine.checkpoint import CheckpointError
 from detkit.registry import ConfigError
 
+CURVE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # picture formats matplotlib writes (jpg through Pillow)
+
 
 def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """``func(args)`` with bad input reported as one ``error:`` line and a non-zero exit, no traceback."""
@@ -30,7 +32,17 @@ def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
 
 def cmd_curves(args: argparse.Namespace) -> int:
     from detkit.analysis.training_curves import plot_curves, read_metrics
+    from detkit.engine.inference import is_inside
 
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file path such as {out / 'curves.png'}")
+    if out.suffix.lower() not in CURVE_SUFFIXES:
+        raise ConfigError(f"--out {out}: {out.suffix or 'no suffix'} is not a picture format; give a "
+                          f"{', '.join(CURVE_SUFFIXES)} file, e.g. {out.with_suffix('.png')}")
+    for run_dir in args.run_dirs:
+        if out.exists() and is_inside(out, run_dir):
+            raise ConfigError(f"--out {out} is a file of the run {run_dir}; write the curves outside the run's files")
     runs = [read_metrics(d) for d in args.run_dirs]
     names = [r.name for r in runs]
     for run, run_dir in zip(runs, args.run_dirs):  # two runs of the same folder name: tell them apart
@@ -77,7 +89,8 @@ def analyze_parser() -> argparse.ArgumentParser:
     p_curves.add_argument("--keys", nargs="+", default=None,
                           help="what to draw (default: every loss term, total, lr, AP, AP50), e.g. bbox AP "
                                "per_class/circle grad_norm")
-    p_curves.add_argument("--out", default="curves.png", help="the PNG to write (default: curves.png)")
+    p_curves.add_argument("--out", default="curves.png",
+                          help="the picture to write: .png, .pdf, .svg or .jpg (default: curves.png)")
     p_curves.set_defaults(func=cmd_curves)
     p_data = sub.add_parser("dataset", help="class counts, boxes per image, box sizes, images without boxes")
     p_data.add_argument("--config", required=True)
@@ -111,22 +124,41 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = eval_parser().parse_args(argv)
+    if args.show_dir and (code := run_guarded(check_show_target, args)):
+        return code
     rest = [a for i, a in enumerate(argv) if not (a == "--show-dir" or a.startswith("--show-dir=")
                                                   or (i and argv[i - 1] == "--show-dir"))]
     code = main(["eval", *rest])
     return code or run_guarded(report_evaluation, args)
 
 
+def eval_config(args: argparse.Namespace) -> dict:
+    """The config ``detkit eval`` evaluates with: ``--config`` (and ``--set``), else the checkpoint's."""
+    from detkit.cli import _checkpoint_config
+    from detkit.engine.checkpoint import load_checkpoint
+
+    return _checkpoint_config(args) or load_checkpoint(args.checkpoint).get("config") or {}
+
+
+def check_show_target(args: argparse.Namespace) -> int:
+    """``--show-dir`` checked against the val images' folder before the evaluation runs."""
+    from detkit.analysis.show import check_show_dir
+    from detkit.data import build_dataset
+
+    spec = (eval_config(args).get("data") or {}).get("val")
+    if spec:  # without one, the evaluation itself says what is missing
+        check_show_dir(args.show_dir, build_dataset({**spec, "transforms": []}, "data.val").img_dir)
+    return 0
+
+
 def report_evaluation(args: argparse.Namespace) -> int:
     """The report of the evaluation ``detkit eval`` just wrote (same config, same output folder)."""
     from detkit.analysis.report import write_eval_report
     from detkit.analysis.show import write_show_dir
-    from detkit.cli import _checkpoint_config
     from detkit.data import build_dataset
-    from detkit.engine.checkpoint import load_checkpoint
     from detkit.engine.evaluator import EvalSettings, run_cocoeval
 
-    cfg = _checkpoint_config(args) or load_checkpoint(args.checkpoint).get("config") or {}
+    cfg = eval_config(args)
     work_dir = Path(args.work_dir) if args.work_dir else Path(args.checkpoint).parent / f"eval_{Path(args.checkpoint).stem}"
     settings = EvalSettings.from_config(cfg)
     results = json.loads((work_dir / "results.json").read_text())

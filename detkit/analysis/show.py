@@ -11,7 +11,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from detkit.engine.inference import is_inside
 from detkit.engine.run_log import progress
+from detkit.registry import ConfigError
 from detkit.visualize import draw_detections
 
 GAP = 6  # pixels between the two halves
@@ -39,6 +41,18 @@ def side_by_side(image: Tensor, target: dict[str, Any], boxes: Tensor, scores: T
     draw.text((2, 2), f"ground truth: {len(gt_boxes)}", fill="black", font=font)
     draw.text((w + GAP + 2, 2), f"predictions, score >= {score_thr:g}: {int(keep.sum())}", fill="black", font=font)
     return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1)
+
+
+def check_show_dir(show_dir: str | Path, image_dir: str | Path) -> None:
+    """Refuse (before any evaluation) a ``--show-dir`` that is or lies under an existing file, or that is (inside)
+    the dataset's image folder: the next load of a YOLO folder would count the drawings as unlabelled images."""
+    show_dir = Path(show_dir)
+    existing = next(p for p in (show_dir, *show_dir.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--show-dir {show_dir}: {existing} is a file; give a folder for the drawings")
+    if is_inside(show_dir, image_dir):
+        raise ConfigError(f"--show-dir {show_dir} is inside the dataset's image folder {image_dir}, where the drawings "
+                          f"would be read as images; choose a folder outside it")
 
 
 def write_show_dir(dataset: Any, results: Sequence[dict[str, Any]], show_dir: str | Path, score_thr: float) -> int:
