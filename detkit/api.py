@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -36,10 +37,21 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def with_pixels(image: Tensor) -> Tensor:
+    """``image (3, H, W)`` itself, or a ValueError when H or W is 0 (no network input is that small)."""
+    if not image.shape[-2] or not image.shape[-1]:
+        raise ValueError(f"an image of {image.shape[-2]}x{image.shape[-1]} pixels has nothing to detect; images need "
+                         f"a height and width of at least 1")
+    return image
+
+
 def to_uint8_chw(image: ImageInput) -> Tensor:
     """One image as ``uint8 (3, H, W)`` RGB: a file path, a PIL image, an ``(H, W[, C])`` uint8 array,
     or a ``(3, H, W)`` tensor (uint8 0..255, or float 0..1 as torchvision uses)."""
     if isinstance(image, (str, os.PathLike)):
+        if Path(image).is_dir():
+            raise IsADirectoryError(f"{image} is a folder; predict takes image files (or arrays, tensors, PIL "
+                                    f"images): pass its files, e.g. sorted(Path({str(image)!r}).glob('*.jpg'))")
         return decode_rgb(Path(image))
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
         if image.mode.startswith("I"):  # 16/32-bit integer: scale 16 bits to 8, as for files
@@ -52,7 +64,7 @@ def to_uint8_chw(image: ImageInput) -> Tensor:
         image = image[..., None].repeat(3, -1) if image.ndim == 2 else image
         if image.ndim != 3 or image.shape[-1] not in (3, 4):
             raise ValueError(f"numpy images must be (H, W, 3), (H, W, 4) or (H, W), got shape {image.shape}")
-        return torch.from_numpy(image[..., :3].copy()).permute(2, 0, 1).contiguous()
+        return with_pixels(torch.from_numpy(image[..., :3].copy()).permute(2, 0, 1).contiguous())
     if isinstance(image, Tensor):
         if image.ndim != 3 or image.shape[0] not in (1, 3):
             raise ValueError(f"tensor images must be (3, H, W) or (1, H, W), got shape {tuple(image.shape)}")
@@ -63,7 +75,7 @@ def to_uint8_chw(image: ImageInput) -> Tensor:
             image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
         elif image.dtype != torch.uint8:
             raise ValueError(f"tensor images must be uint8 (0..255) or float (0..1), got {image.dtype}")
-        return image.expand(3, -1, -1).cpu()
+        return with_pixels(image.expand(3, -1, -1).cpu())
     raise TypeError(f"cannot read an image from {type(image).__name__}: give a path, a PIL image, a numpy array "
                     f"or a tensor")
 
@@ -102,9 +114,12 @@ class DetectorModel:
     @torch.no_grad()
     def predict(self, images: ImageInput | Sequence[ImageInput], score_thr: float = 0.3, batch_size: int = 8
                 ) -> list[dict[str, Tensor]]:
-        """Detections for ``images`` (one image or a list), keeping those scoring ``>= score_thr``."""
-        if not 0.0 <= float(score_thr) <= 1.0:
-            raise ValueError(f"score_thr must lie in [0, 1], got {score_thr}")
+        """Detections for ``images`` (one image or a list; a folder is refused: give its files), keeping
+        those scoring ``>= score_thr`` (a number in [0, 1]); ``batch_size`` images (an integer >= 1) per forward."""
+        if isinstance(score_thr, bool) or not isinstance(score_thr, numbers.Real) or not 0.0 <= score_thr <= 1.0:
+            raise ValueError(f"score_thr must lie in [0, 1] (a number), got {score_thr!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
         out: list[dict[str, Tensor]] = []

@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torchvision.io import write_png
@@ -204,3 +206,26 @@ def test_curves_out_must_be_a_picture_outside_the_runs_files(tmp_path):
         assert code == 2
         assert_one_message(err, f"--out {out}", message)
     assert snapshot(tmp_path) == before
+
+
+# 5. predict's arguments
+
+
+@pytest.mark.parametrize("kwargs, image, error, message", [
+    ({"batch_size": -1}, None, ValueError, "batch_size must be an integer >= 1, got -1"),
+    ({"batch_size": 0}, None, ValueError, "batch_size must be an integer >= 1, got 0"),
+    ({"batch_size": 2.0}, None, ValueError, "batch_size must be an integer >= 1, got 2.0"),
+    ({"score_thr": "0.5"}, None, ValueError, "score_thr must lie in [0, 1] (a number), got '0.5'"),
+    ({"score_thr": 1.5}, None, ValueError, "score_thr must lie in [0, 1] (a number), got 1.5"),
+    ({}, np.zeros((0, 0, 3), np.uint8), ValueError, "an image of 0x0 pixels has nothing to detect"),
+    ({}, torch.zeros(3, 8, 0, dtype=torch.uint8), ValueError, "an image of 8x0 pixels"),
+    ({}, "folder", IsADirectoryError, "is a folder; predict takes image files"),
+])
+def test_predict_checks_its_arguments_first(detector, tmp_path, monkeypatch, kwargs, image, error, message):
+    monkeypatch.setattr(detector, "model", None)  # any work past the checks would fail on this
+    if isinstance(image, str):
+        image = tmp_path
+    elif image is None:
+        image = np.zeros((16, 16, 3), np.uint8)
+    with pytest.raises(error, match=re.escape(message)):
+        detector.predict(image, **kwargs)
