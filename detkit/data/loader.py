@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 import detkit.data.repeat_factor  # noqa: F401  (registers RepeatFactorSampler)
 from detkit.data.collate import collate_detection
 from detkit.data.sampler import EpochSampler, SeededDataset
-from detkit.data.transforms import DetectionPipeline
+from detkit.data.transforms import DetectionPipeline, refuse_mixing
 from detkit.registry import DATASETS, SAMPLERS, ConfigError, build_path, check_keys
 
 #: ``data.*`` settings with their defaults (``train`` / ``val`` are dataset specs; ``sampler`` is the
@@ -75,7 +75,8 @@ def build_dataset(spec: Mapping[str, Any], key: str | None = None) -> Dataset:
 
 def build_dataloader(data_cfg: Mapping[str, Any], split: str, seed: int = 0, rank: int = 0,
                      world_size: int = 1, dataset: Dataset | None = None) -> DataLoader:
-    """The loader of ``data_cfg[split]`` (``train`` shuffles, anything else keeps file order).
+    """The loader of ``data_cfg[split]`` (``train`` shuffles, anything else keeps file order and refuses
+    Mosaic / MixUp in its transforms).
 
     Sampling goes through :class:`EpochSampler` (also for one process; ``data.sampler`` picks a
     subclass for training, e.g. ``RepeatFactorSampler``): the order and each
@@ -88,6 +89,8 @@ def build_dataloader(data_cfg: Mapping[str, Any], split: str, seed: int = 0, ran
         raise ConfigError(f"data.{split}: no dataset spec for split '{split}'; data has keys {sorted(data_cfg)}")
     train = split == "train"
     dataset = dataset if dataset is not None else build_dataset(data_cfg[split], f"data.{split}")
+    if not train:
+        refuse_mixing(getattr(dataset, "transforms", None), f"data.{split}")
     batch_size = s["batch_size"] if train else s["val_batch_size"]
     groups = dataset.landscape() if train and s["group_by_aspect_ratio"] and hasattr(dataset, "landscape") else None
     args = dict(dataset=dataset, shuffle=train, seed=seed, rank=rank, world_size=world_size,

@@ -49,7 +49,7 @@ class RepeatFactorSampler(EpochSampler):
     batches and per-sample seeds are EpochSampler's.
 
     Args:
-        repeat_thr: categories in fewer than this fraction of the images are repeated (LVIS: 0.001;
+        repeat_thr: in (0, 1]: categories in fewer than this fraction of the images are repeated (LVIS: 0.001;
             a few hundred images need 0.1 or more: r(c) > 1 only when f(c) < repeat_thr).
     """
 
@@ -58,6 +58,10 @@ class RepeatFactorSampler(EpochSampler):
                  batch_size: int = 1) -> None:
         if isinstance(repeat_thr, bool) or not isinstance(repeat_thr, (int, float)) or not repeat_thr > 0:
             raise ConfigError(f"{config_path('repeat_thr')} must be a number > 0, got {repeat_thr!r}")
+        if not repeat_thr <= 1:  # inf or 1e300 would ask for an endless epoch (OverflowError)
+            raise ConfigError(f"{config_path('repeat_thr')} must be at most 1, got {repeat_thr!r}: it is a fraction of "
+                              f"the images (categories in fewer images are repeated; LVIS uses 0.001, a few hundred "
+                              f"images 0.1-0.3)")
         self.factors = repeat_factors(image_categories(dataset), float(repeat_thr))
         self.whole = self.factors.floor()
         super().__init__(round(float(self.factors.sum())), shuffle, seed, rank, world_size, drop_last, groups,

@@ -54,6 +54,18 @@ class DetectionPipeline:
         return f"DetectionPipeline({self.transforms})"
 
 
+def refuse_mixing(pipeline: Callable | None, key: str) -> None:
+    """A :class:`ConfigError` naming ``<key>.transforms.N`` when an evaluation or inference pipeline holds
+    Mosaic or MixUp: they would score mosaics against one image's boxes, and inference has no dataset
+    to draw the other images from."""
+    steps = pipeline.transforms.transforms if isinstance(pipeline, DetectionPipeline) else []
+    for k, step in enumerate(steps):
+        if isinstance(step, MixTransform):
+            raise ConfigError(f"{key}.transforms.{k}: {type(step).__name__} mixes training images; evaluation and "
+                              f"inference see one image at a time: remove it from {key}.transforms (keep it in "
+                              f"data.train.transforms)")
+
+
 def build_transforms(specs: Sequence[dict] | Callable | None) -> Callable:
     """A :class:`DetectionPipeline` from a list of transform specs (or a ready callable)."""
     if callable(specs):

@@ -80,27 +80,49 @@ def parse_voc_xml(path: Path) -> VocImage:
     return VocImage(file_name, width, height, objects)
 
 
+def _annotation_files(ann_dir: Path) -> dict[str, Path]:
+    """The xml files of ``ann_dir`` (``a.XML`` too) by image id (the name without ``.xml``); two files
+    for one id (``a.xml`` and ``a.XML``) are a :class:`DatasetError` naming both."""
+    found: dict[str, Path] = {}
+    for xml in sorted(ann_dir.iterdir()):
+        if xml.suffix.lower() == ".xml" and xml.is_file():
+            if xml.stem in found:
+                raise DatasetError(f"{found[xml.stem]} and {xml} both annotate the image id {xml.stem!r}: "
+                                   f"remove one of them")
+            found[xml.stem] = xml
+    return found
+
+
 def _xml_files(root: Path, split_file: str | None, ann_dir: Path) -> list[Path]:
     """The split's xml files: one per id listed in ``split_file`` (first word of each line), or every
     ``*.xml`` of ``ann_dir``."""
     if not ann_dir.is_dir():
         raise FileNotFoundError(f"VOC annotation folder not found: {ann_dir} (ann_dir)")
+    by_id = _annotation_files(ann_dir)
     if split_file is None:
-        files = sorted(ann_dir.glob("*.xml"))
-        if not files:
+        if not by_id:
             raise DatasetError(f"{ann_dir}: no .xml files (ann_dir); point ann_dir at the VOC Annotations folder")
-        return files
+        return list(by_id.values())
     split = root / split_file
     if not split.is_file():
         raise FileNotFoundError(f"VOC split file not found: {split} (split_file)")
-    files = []
-    for line_no, line in enumerate(split.read_text().splitlines(), start=1):
+    try:
+        lines = split.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"{split}: not UTF-8 text ({err}); a split file lists one image id per line") from None
+    files, listed = [], {}
+    for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        xml = ann_dir / f"{line.split()[0]}.xml"
-        if not xml.is_file():
-            raise FileNotFoundError(f"{split} line {line_no} lists {line.split()[0]!r}, but {xml} does not exist")
-        files.append(xml)
+        image_id = line.split()[0]
+        if image_id not in by_id:
+            raise FileNotFoundError(f"{split} line {line_no} lists {image_id!r}, but {ann_dir / image_id}.xml "
+                                    f"does not exist")
+        if image_id in listed:
+            raise DatasetError(f"{split} lists {image_id!r} twice (lines {listed[image_id]} and {line_no}); "
+                               f"list each image once")
+        listed[image_id] = line_no
+        files.append(by_id[image_id])
     if not files:
         raise DatasetError(f"{split}: lists no image ids (split_file)")
     return files
@@ -109,10 +131,21 @@ def _xml_files(root: Path, split_file: str | None, ann_dir: Path) -> list[Path]:
 def _folder_names(ann_dir: Path, parsed: dict[Path, VocImage]) -> set[str]:
     """Every object name in ``ann_dir``'s xml files (the split's are already ``parsed``)."""
     names = {o[0] for image in parsed.values() for o in image.objects}
-    for xml in sorted(ann_dir.glob("*.xml")):
+    for xml in _annotation_files(ann_dir).values():
         if xml not in parsed:
             names |= {o[0] for o in parse_voc_xml(xml).objects}
     return names
+
+
+def _check_one_xml_per_image(parsed: dict[Path, VocImage]) -> None:
+    """Two xml files naming the same ``<filename>`` would train that image twice (with either's boxes)
+    and the image meant by the other never: a :class:`DatasetError` naming both files."""
+    first: dict[str, Path] = {}
+    for xml, image in parsed.items():
+        if image.file_name in first:
+            raise DatasetError(f"{first[image.file_name]} and {xml} both name the image {image.file_name!r} in "
+                               f"<filename>; fix the <filename> of the one that labels another image")
+        first[image.file_name] = xml
 
 
 def voc_to_coco(data_root: str, split_file: str | None = None, ann_dir: str = "Annotations",
@@ -127,6 +160,7 @@ def voc_to_coco(data_root: str, split_file: str | None = None, ann_dir: str = "A
     root, folder = Path(data_root), Path(data_root, ann_dir)
     files = _xml_files(root, split_file, folder)
     parsed = {xml: parse_voc_xml(xml) for xml in files}
+    _check_one_xml_per_image(parsed)
     if classes is None:
         names = sorted(_folder_names(folder, parsed))
     else:

@@ -20,6 +20,7 @@ from detkit.data.annotations import (
     select_classes,
 )
 from detkit.data.coco import CocoDataset
+from detkit.data.files import find_files
 from detkit.registry import DATASETS, ConfigError, config_path
 
 logger = logging.getLogger("detkit.data")
@@ -28,6 +29,8 @@ logger = logging.getLogger("detkit.data")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 #: labelImg writes the class list next to the labels; it labels no image.
 CLASS_LIST_FILE = "classes.txt"
+#: How many values of a bad label line a message shows.
+SHOWN_VALUES = 6
 
 
 def _names_list(names: Any, where: str) -> list[str]:
@@ -54,8 +57,8 @@ def yolo_names(names: Any, data_root: str = "") -> list[str]:
         raise FileNotFoundError(f"{config_path('names')}: YOLO data.yaml not found: {path}; set names to the "
                                 f"path of a data.yaml (relative to data_root) or to the list of class names")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise DatasetError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(data, dict) or "names" not in data:
         raise DatasetError(f"{path}: no 'names' entry (a list of class names or an {{id: name}} mapping)")
@@ -65,6 +68,33 @@ def yolo_names(names: Any, data_root: str = "") -> list[str]:
     return result
 
 
+def _text_lines(path: Path) -> list[str]:
+    """The lines of a text file (a UTF-8 byte-order mark, as Windows editors write, is dropped); a byte
+    that is not UTF-8 is a :class:`DatasetError` naming the file, line and column."""
+    lines = []
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            lines.append(raw.decode("utf-8-sig"))
+        except UnicodeDecodeError as err:
+            raise DatasetError(f"{path} line {line_no}: byte {raw[err.start]:#04x} at column {err.start + 1} is not "
+                               f"UTF-8 text; a YOLO label holds numbers only: fix or re-export the file") from None
+    return lines
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+def _shown(words: list[str]) -> str:
+    """The first :data:`SHOWN_VALUES` words of a line, for a message (a polygon line has thousands)."""
+    shown = " ".join(words[:SHOWN_VALUES])[:80]
+    return shown + (f" ... ({len(words)} values)" if len(words) > SHOWN_VALUES else "")
+
+
 def parse_yolo_txt(path: Path, width: int, height: int, num_classes: int) -> list[tuple[int, tuple, bool]]:
     """One label file -> ``[(class id, (x1, y1, x2, y2) pixels, False)]``.
 
@@ -72,24 +102,24 @@ def parse_yolo_txt(path: Path, width: int, height: int, num_classes: int) -> lis
     segment polygon, normalised), which gives the polygon's bounding box.
     """
     boxes = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+    for line_no, line in enumerate(_text_lines(path), start=1):
         words = line.split()
         if not words:
             continue
         where = f"{path} line {line_no}"
         if len(words) != 5 and (len(words) < 7 or len(words) % 2 == 0):
             raise DatasetError(f"{where}: expected 'class cx cy w h' (5 numbers) or 'class x1 y1 x2 y2 ...' "
-                               f"(a polygon), got {len(words)} values: {line.strip()!r}")
-        try:
-            cls, *values = (float(w) for w in words)
-        except ValueError:
-            raise DatasetError(f"{where}: not numbers: {line.strip()!r}") from None
+                               f"(a polygon), got {len(words)} values: {_shown(words)}")
+        bad = next((k for k, w in enumerate(words) if not _is_number(w)), None)
+        if bad is not None:
+            raise DatasetError(f"{where}: value {bad + 1} ({words[bad][:20]!r}) is not a number: {_shown(words)}")
+        cls, *values = (float(w) for w in words)
         if not cls.is_integer() or not 0 <= cls < num_classes:
             raise DatasetError(f"{where}: class id {words[0]} is out of range: there are {num_classes} "
                                f"classes (ids 0..{num_classes - 1}); check names or the label")
         if not all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in values):
             raise DatasetError(f"{where}: coordinates must be normalised to [0, 1] (pixels divided by the "
-                               f"{width}x{height} image size), got {' '.join(words[1:])}")
+                               f"{width}x{height} image size), got {_shown(words)}")
         if len(values) == 4:
             cx, cy, w, h = values
             box = ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
@@ -117,6 +147,23 @@ def _image_size(path: Path) -> tuple[int, int] | None:
     return (height, width) if transposed else (width, height)
 
 
+def _key(path: Path, root: Path) -> str:
+    """What pairs an image with its label: the path under its folder without the suffix (``a/b``)."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def _label_files(labels: Path) -> dict[str, Path]:
+    """Every ``.txt`` under ``labels`` (``a.TXT`` too, linked folders too) by :func:`_key`; two files for
+    one image (``a.txt`` and ``a.TXT``) are a :class:`DatasetError` naming both."""
+    found: dict[str, Path] = {}
+    for txt in find_files(labels, (".txt",)):
+        key = _key(txt, labels)
+        if key in found:
+            raise DatasetError(f"{found[key]} and {txt} both label the image {key}.*: remove one of them")
+        found[key] = txt
+    return found
+
+
 def yolo_to_coco(data_root: str, img_dir: str = "images/train", label_dir: str = "labels/train",
                  names: Any = "data.yaml", classes: Sequence[str] | None = None,
                  skip_bad_images: bool = False) -> dict:
@@ -130,11 +177,12 @@ def yolo_to_coco(data_root: str, img_dir: str = "images/train", label_dir: str =
     if not labels.is_dir():
         raise FileNotFoundError(f"YOLO label folder not found: {labels} (label_dir)")
     class_names = yolo_names(names, data_root)
-    files = sorted(p for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = find_files(images, IMAGE_SUFFIXES)
     if not files:
         raise DatasetError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)}) in img_dir")
-    txts = {labels / p.relative_to(images).with_suffix(".txt") for p in files}
-    orphans = sorted(t for t in labels.rglob("*.txt") if t not in txts and t != labels / CLASS_LIST_FILE)
+    label_of = _label_files(labels)
+    keys = {_key(p, images) for p in files}
+    orphans = sorted(t for k, t in label_of.items() if k not in keys and t != labels / CLASS_LIST_FILE)
     if orphans:
         raise DatasetError(f"{len(orphans)} label file(s) have no image in {images}, first: {orphans[0]} "
                            f"(images are looked for as {', '.join(IMAGE_SUFFIXES)}); add the image or remove the txt")
@@ -144,8 +192,8 @@ def yolo_to_coco(data_root: str, img_dir: str = "images/train", label_dir: str =
         if size is None:
             bad.append(path)
             continue
-        txt = labels / path.relative_to(images).with_suffix(".txt")
-        boxes = parse_yolo_txt(txt, *size, len(class_names)) if txt.is_file() else []
+        txt = label_of.get(_key(path, images))
+        boxes = parse_yolo_txt(txt, *size, len(class_names)) if txt is not None else []
         records.append(ImageRecord(path.relative_to(images).as_posix(), *size, boxes))
     if bad and not skip_bad_images:
         raise DatasetError(f"{len(bad)} image(s) in {images} cannot be read, first: {bad[0]} "

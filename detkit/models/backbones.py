@@ -28,9 +28,14 @@ def norm_layer(norm: str, groups: int = 32) -> Callable[[int], nn.Module]:
 def load_backbone_weights(module: nn.Module, spec: str | None, depth: int) -> None:
     """``init_weights``: a torchvision weights name (``torchvision:ResNet50_Weights.IMAGENET1K_V2``,
     ``torchvision:DEFAULT``) or a local torchvision ResNet state dict; mismatches are named errors."""
-    if not spec:
-        return
     key = "model.backbone.init_weights"
+    if spec is None:
+        return
+    if not isinstance(spec, str) or spec in ("", PREFIX):
+        hint = (" (YAML reads an unquoted 'torchvision: ...' as a mapping: write the name without a space after "
+                "the colon, or quote it)" if isinstance(spec, dict) else "")
+        raise ConfigError(f"{key} must be null, '{PREFIX}ResNet{depth}_Weights.<NAME>', '{PREFIX}DEFAULT' or the path "
+                          f"of a state dict file, got {spec!r}{hint}")
     if spec.startswith(PREFIX):
         expected = f"ResNet{depth}_Weights"
         given = spec[len(PREFIX):].split(".", 1)[0]

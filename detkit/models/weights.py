@@ -42,7 +42,7 @@ def weights_enum(name: str, key: str, model_name: str | None = None) -> Any:
         return enum[member]
     except KeyError:
         raise ConfigError(f"{key}: {enum.__name__} has no '{member}'; it has "
-                          f"{', '.join(['DEFAULT', *enum.__members__])}") from None
+                          f"{', '.join(dict.fromkeys([*enum.__members__, 'DEFAULT']))}") from None  # DEFAULT: an alias
 
 
 def cached_file(url: str) -> Path:
