@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
@@ -105,4 +106,82 @@ def per_image_atss_assign(priors: Priors, boxes: Tensor, labels: Tensor, mask: T
         pos = best > -math.inf
         out_labels.append(torch.where(pos, lab[index], num_classes))
         out_boxes.append(torch.where(pos[:, None], gt[index], 0.0))
+    return torch.stack(out_labels), torch.stack(out_boxes)
+
+
+def per_image_task_aligned_assign(priors: Priors, scores: Tensor, pred_boxes: Tensor, boxes: Tensor, labels: Tensor,
+                                  mask: Tensor, topk: int, alpha: float, beta: float, num_classes: int
+                                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """mmdetection's TaskAlignedAssigner and TOODHead's target normalisation, one image and one GT at a
+    time, top-k by a stable sort (equal metrics: the lower prior index): ``labels (B, P)``, assigned
+    ``boxes (B, P, 4)`` and the normalised alignment metrics ``(B, P)``."""
+    out_labels, out_boxes, out_scores = [], [], []
+    num_priors = len(priors.points)
+    for img_scores, img_pred, img_boxes, img_labels, img_mask in zip(scores, pred_boxes, boxes, labels, mask):
+        gt, lab = img_boxes[img_mask], img_labels[img_mask]
+        target_labels = torch.full((num_priors,), num_classes)
+        target_boxes, target_scores = torch.zeros(num_priors, 4), torch.zeros(num_priors)
+        if len(gt):
+            overlaps = box_iou(img_pred, gt)  # (P, g)
+            metric = img_scores[:, lab] ** alpha * overlaps ** beta
+            k = min(topk, num_priors)
+            cand = torch.stack([torch.sort(metric[:, j], descending=True, stable=True).indices[:k]
+                                for j in range(len(gt))], 1)  # (k, g)
+            cols = torch.arange(len(gt)).expand_as(cand)
+            keep = (metric[cand, cols] > 0) & (bbox2distance(priors.points[cand], gt[None]).amin(-1) > 0.01)
+            overlaps_inf = torch.full_like(overlaps, -math.inf)
+            overlaps_inf[cand[keep], cols[keep]] = overlaps[cand[keep], cols[keep]]
+            best, index = overlaps_inf.max(1)  # highest IoU, first GT
+            pos = best > -math.inf
+            target_labels[pos], target_boxes[pos] = lab[index[pos]], gt[index[pos]]
+            assigned_metric = metric[torch.arange(num_priors), index]
+            for j in index[pos].unique():
+                sel = pos & (index == j)
+                target_scores[sel] = assigned_metric[sel] / (assigned_metric[sel].max() + 1e-7) * best[sel].max()
+        out_labels.append(target_labels)
+        out_boxes.append(target_boxes)
+        out_scores.append(target_scores)
+    return torch.stack(out_labels), torch.stack(out_boxes), torch.stack(out_scores)
+
+
+def per_image_simota_assign(priors: Priors, scores: Tensor, pred_boxes: Tensor, boxes: Tensor, labels: Tensor,
+                            mask: Tensor, num_classes: int, center_radius: float = 2.5, candidate_topk: int = 10,
+                            iou_weight: float = 3.0, cls_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """mmdetection's SimOTAAssigner, one image at a time with a ``(valid priors, GTs, classes)`` BCE and a
+    loop over GTs for the dynamic k (stable sort: equal costs, the lower prior index): ``labels (B, P)``
+    and assigned ``boxes (B, P, 4)``."""
+    out_labels, out_boxes = [], []
+    num_priors = len(priors.points)
+    x, y, stride = priors.points[:, :1], priors.points[:, 1:], priors.strides[:, None]
+    for img_scores, img_pred, img_boxes, img_labels, img_mask in zip(scores, pred_boxes, boxes, labels, mask):
+        gt, lab = img_boxes[img_mask], img_labels[img_mask]
+        target_labels, target_boxes = torch.full((num_priors,), num_classes), torch.zeros(num_priors, 4)
+        in_gts = torch.stack([x - gt[:, 0], y - gt[:, 1], gt[:, 2] - x, gt[:, 3] - y], 1).min(1).values > 0
+        cx, cy = (gt[:, 0] + gt[:, 2]) / 2.0, (gt[:, 1] + gt[:, 3]) / 2.0
+        r = center_radius * stride
+        in_cts = torch.stack([x - (cx - r), y - (cy - r), (cx + r) - x, (cy + r) - y], 1).min(1).values > 0
+        valid = in_gts.any(1) | in_cts.any(1)
+        num_valid = int(valid.sum())
+        if len(gt) and num_valid:
+            both = (in_gts & in_cts)[valid]
+            ious = box_iou(img_pred[valid], gt)  # (V, g)
+            onehot = F.one_hot(lab, img_scores.shape[-1]).float()[None].repeat(num_valid, 1, 1)
+            cls_cost = F.binary_cross_entropy(img_scores[valid][:, None].repeat(1, len(gt), 1), onehot,
+                                              reduction="none").sum(-1)
+            cost = cls_cost * cls_weight + -torch.log(ious + 1e-7) * iou_weight + (~both) * 1e5
+            ks = ious.topk(min(candidate_topk, num_valid), dim=0).values.sum(0).int().clamp(min=1)
+            matching = torch.zeros_like(cost)
+            for j in range(len(gt)):
+                matching[torch.sort(cost[:, j], stable=True).indices[:ks[j]], j] = 1.0
+            multi = matching.sum(1) > 1
+            if multi.any():
+                cheapest = cost[multi].min(1).indices
+                matching[multi] = 0.0
+                matching[multi.nonzero()[:, 0], cheapest] = 1.0
+            fg = matching.sum(1) > 0
+            matched = matching[fg].argmax(1)
+            rows = valid.nonzero()[:, 0][fg]
+            target_labels[rows], target_boxes[rows] = lab[matched], gt[matched]
+        out_labels.append(target_labels)
+        out_boxes.append(target_boxes)
     return torch.stack(out_labels), torch.stack(out_boxes)

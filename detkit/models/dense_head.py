@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from detkit.assigners.base import DenseAssigner
 from detkit.models.head import DetectionHead
 from detkit.ops.nms import topk_min
 from detkit.ops.priors import Priors, dense_points, grid_steps
@@ -112,6 +113,16 @@ class DenseHead(DetectionHead):
     def level_scores(self, maps: tuple[Tensor, ...]) -> Tensor:
         """One level's class probabilities ``(B, C, H, W)`` float32 from its outputs ``maps``."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def dense_scores(self, outputs: tuple[list[Tensor], ...]) -> Tensor:
+        """Every prior's inference scores ``(B, P, C)`` float32, detached: what the dynamic assigners rank."""
+        return flatten_levels([self.level_scores(maps) for maps in zip(*outputs)])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Passes the number of finished epochs (the trainer's SetEpochHook) to the assigner."""
+        if isinstance(self.assigner, DenseAssigner):  # a registered assigner of your own may not derive from it
+            self.assigner.set_epoch(epoch)
 
     def level_distances(self, maps: tuple[Tensor, ...], point: Tensor, stride: int) -> Tensor:
         """ltrb distances ``(B, K, 4)`` in pixels at flat cells ``point (B, K)`` of one level."""

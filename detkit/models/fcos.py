@@ -11,7 +11,7 @@ from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
 from detkit.models.dense_head import DenseHead, flatten_levels
 from detkit.models.detector import Detector
-from detkit.ops.boxes import gather_cells, ltrb_to_boxes
+from detkit.ops.boxes import distance2bbox, gather_cells, ltrb_to_boxes
 from detkit.registry import DETECTORS, HEADS
 
 #: The loss kinds each FCOS term takes.
@@ -38,9 +38,10 @@ class FCOSHead(DenseHead):
         norm_on_bbox: regress ltrb / stride with ReLU (else exp of pixels).
         centerness_on_reg: centerness from the reg tower (else the cls tower).
         prior_prob: initial foreground probability of the classifier bias.
-        assigner: assigner spec (default FCOSAssigner with FCOS's regress ranges; ATSSAssigner
-            works too); losses: ``{cls, bbox, centerness}`` specs (each a spec or a list of specs,
-            summed and logged separately).
+        assigner: assigner spec (default FCOSAssigner with FCOS's regress ranges; ATSSAssigner,
+            SimOTAAssigner and TaskAlignedAssigner work too: they get ``preds``, the inference scores
+            ``sqrt(sigmoid(cls) * sigmoid(centerness))`` and decoded pixel boxes, detached);
+        losses: ``{cls, bbox, centerness}`` specs (each a spec or a list of specs, summed and logged separately).
     Forward: FPN maps -> ``(cls (B, C, H_l, W_l), bbox (B, 4, H_l, W_l), centerness (B, 1, H_l, W_l))``
     lists; ``bbox`` is non-negative ltrb in stride units when ``norm_on_bbox``, pixels otherwise.
     """
@@ -74,13 +75,15 @@ class FCOSHead(DenseHead):
         """Weighted loss terms for padded GT ``boxes (B, G, 4)``, ``labels (B, G)``, ``mask (B, G)``."""
         cls_scores, bbox_preds, centernesses = outputs
         priors = self.priors(cls_scores)
-        assigned = self.assigner(priors, gt_boxes, gt_labels, gt_mask, self.num_classes)
+        reg = flatten_levels(bbox_preds)  # (B, P, 4)
+        pixels = reg.detach() * priors.strides.view(1, -1, 1) if self.norm_on_bbox else reg.detach()
+        assigned = self.assigner(priors, gt_boxes, gt_labels, gt_mask, self.num_classes,
+                                 {"scores": self.dense_scores(outputs), "boxes": distance2bbox(priors.points, pixels)})
         positive = assigned.positive
         ltrb, ctr_target = fcos_targets(priors.points, assigned)
         if self.norm_on_bbox:
             ltrb = ltrb / priors.strides.view(1, -1, 1)
         cls = flatten_levels(cls_scores)  # (B, P, C)
-        reg = flatten_levels(bbox_preds)  # (B, P, 4)
         ctr = flatten_levels(centernesses).squeeze(-1)  # (B, P)
         num_pos = reduce_mean(positive.sum().float()).clamp(min=1.0)
         ctr_denom = reduce_mean(ctr_target.sum()).clamp(min=1e-6)

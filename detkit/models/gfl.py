@@ -2,7 +2,8 @@
 
 The classifier predicts a joint class-and-localisation-quality score (trained with Quality Focal
 Loss against the IoU of the predicted box), and each box side is a distribution over ``reg_max + 1``
-bins (trained with Distribution Focal Loss, plus GIoU on its expected value). ATSS assignment.
+bins (trained with Distribution Focal Loss, plus GIoU on its expected value). ATSS assignment, or any
+other: with ``TaskAlignedAssigner`` (TOOD's assignment) the quality target is its normalised alignment metric.
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ class GFLHead(DenseHead):
     Args (besides :class:`DenseHead`'s):
         reg_max: bins ``0..reg_max`` per side, in strides (16: sides up to 16 strides).
         prior_prob: initial foreground probability of the classifier bias.
-        assigner: default ``{type: ATSSAssigner, topk: 9}``.
+        assigner: default ``{type: ATSSAssigner, topk: 9}``; it gets ``preds`` (sigmoid scores and
+            decoded pixel boxes, detached), and its result's ``scores``, when given, replace the IoU
+            as the quality target (``{type: TaskAlignedAssigner}``: TOOD's targets).
         losses: ``{cls, bbox, dfl}``: cls a quality loss (QualityFocalLoss or VarifocalLoss) taking
             ``(labels, IoU)``; bbox a box loss on the decoded boxes (stride units); dfl
             DistributionFocalLoss. bbox and dfl are weighted per point by its predicted score and
@@ -76,17 +79,21 @@ class GFLHead(DenseHead):
         """Weighted loss terms for padded GT ``boxes (B, G, 4)``, ``labels (B, G)``, ``mask (B, G)``."""
         cls_scores, distributions = outputs
         priors = self.priors(cls_scores)
-        assigned = self.assigner(priors, gt_boxes, gt_labels, gt_mask, self.num_classes)
-        positive = assigned.positive  # (B, P)
         cls = flatten_levels(cls_scores)  # (B, P, C)
         dist = flatten_levels(distributions)  # (B, P, 4 (n + 1))
         stride = priors.strides.view(-1, 1)
         points = priors.points / stride  # (P, 2), stride units: every level's boxes on one scale
         pred_boxes = distance2bbox(points, integral(dist, self.reg_max))  # (B, P, 4)
+        scores = self.dense_scores(outputs)  # (B, P, C) sigmoid, detached
+        assigned = self.assigner(priors, gt_boxes, gt_labels, gt_mask, self.num_classes,
+                                 {"scores": scores, "boxes": pred_boxes.detach() * stride})
+        positive = assigned.positive  # (B, P)
         target_boxes = assigned.boxes / stride
         zero = torch.zeros_like(positive, dtype=torch.float32)
-        quality = torch.where(positive, aligned_box_iou(pred_boxes.detach(), target_boxes), zero)
-        weight = torch.where(positive, cls.detach().float().sigmoid().amax(-1), zero)
+        # the quality target: the assigner's soft target (TaskAlignedAssigner), else the predicted box's IoU
+        quality = assigned.scores if assigned.scores is not None else torch.where(
+            positive, aligned_box_iou(pred_boxes.detach(), target_boxes), zero)
+        weight = torch.where(positive, scores.amax(-1), zero)
         num_pos = reduce_mean(positive.sum().float()).clamp(min=1.0)
         weight_sum = reduce_mean(weight.sum()).clamp(min=1.0)
         side_targets = bbox2distance(points, target_boxes).clamp(0, self.reg_max - DFL_MARGIN)  # (B, P, 4)

@@ -12,6 +12,7 @@ from detkit.engine.hooks.base import Hook
 from detkit.engine.hooks.checkpoint import CheckpointHook
 from detkit.engine.hooks.close_mosaic import CloseMosaic
 from detkit.engine.hooks.ema import EMAHook, WarmupEMA
+from detkit.engine.hooks.epoch import SetEpochHook
 from detkit.engine.hooks.evaluation import EarlyStopHook, EvalHook
 from detkit.engine.hooks.grad_norm import TermGradNormHook
 from detkit.engine.hooks.logger import LoggerHook
@@ -29,6 +30,8 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
                          LoggerHook(s.log_interval)]
     if any(getattr(m, "weight_schedule", None) is not None for m in model.modules()):
         hooks.append(LossWeightScheduleHook())
+    if any(callable(getattr(m, "set_epoch", None)) for m in model.modules()):
+        hooks.append(SetEpochHook())
     if s.ema_decay is not None:
         hooks.append(EMAHook(*s.ema_decay))
     if s.close_mosaic:
