@@ -55,7 +55,9 @@ def cmd_curves(args: argparse.Namespace) -> int:
 
 def cmd_dataset(args: argparse.Namespace) -> int:
     from detkit.analysis.dataset_stats import (
+        config_health,
         dataset_stats,
+        format_health,
         format_stats,
         plot_dataset_stats,
     )
@@ -69,13 +71,16 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         raise ConfigError(f"--limit must be a positive number of images, got {args.limit}")
     dataset = build_dataset(cfg["data"][args.split], f"data.{args.split}")
     stats = dataset_stats(dataset, args.limit, f"data.{args.split}")
+    health = config_health(cfg, args.split, dataset, args.limit)
     name = f"{Path(args.config).stem} data.{args.split}"
     print(format_stats(stats, name))
+    print(format_health(health) if isinstance(health, dict) else f"assigner health: not measured ({health})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = plot_dataset_stats(stats, out / f"dataset_{args.split}.png", title=f"{name} ({len(stats.boxes_per_image)} "
-                                                                            f"images, after its transforms)")
-    summary = {**stats.summary(), "images_without_boxes_ids": list(map(str, stats.empty))}
+                                                                            f"images, after its transforms)",
+                             health=health if isinstance(health, dict) else None)
+    summary = {**stats.summary(), "images_without_boxes_ids": list(map(str, stats.empty)), "assigner_health": health}
     (out / f"dataset_{args.split}.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"wrote {png} and {out / f'dataset_{args.split}.json'}")
     return 0
@@ -92,7 +97,8 @@ def analyze_parser() -> argparse.ArgumentParser:
     p_curves.add_argument("--out", default="curves.png",
                           help="the picture to write: .png, .pdf, .svg or .jpg (default: curves.png)")
     p_curves.set_defaults(func=cmd_curves)
-    p_data = sub.add_parser("dataset", help="class counts, boxes per image, box sizes, images without boxes")
+    p_data = sub.add_parser("dataset", help="class counts, boxes per image, box sizes, images without boxes, "
+                                            "the config's assigner health (positives per box)")
     p_data.add_argument("--config", required=True)
     p_data.add_argument("--split", default="train", choices=["train", "val"])
     p_data.add_argument("--out", default="dataset_stats", help="folder for dataset_<split>.png/.json")

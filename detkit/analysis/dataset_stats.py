@@ -1,20 +1,24 @@
 """What a dataset holds, read through the generic dataset interface only (``len``, ``dataset[i] ->
 (image, target)`` with ``target["boxes"] (n, 4)`` x1y1x2y2 and ``target["labels"] (n,)``, ``classes``),
-so every registered dataset works: class counts, boxes per image, box sizes, images without boxes."""
+so every registered dataset works: class counts, boxes per image, box sizes, images without boxes;
+and, from a config's model, its assigner's health on the same data (:mod:`detkit.assigners.health`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from detkit.analysis.plotting import new_figure, save_figure
+from detkit.assigners.health import COCO_SIZES, SIZE_NAMES
+from detkit.data.loader import build_dataloader
+from detkit.engine.hooks.assigner_health import HealthProbe, loader_health, unsupported_reason
 from detkit.engine.run_log import progress
-
-#: COCO's small / medium / large boundaries on sqrt(box area), pixels.
-COCO_SIZES = (32, 96)
+from detkit.engine.runner import check_class_counts
+from detkit.models import build_detector
 
 
 @dataclass
@@ -65,11 +69,31 @@ def dataset_stats(dataset: Any, limit: int | None = None, desc: str = "dataset")
                         np.concatenate(sizes) if sizes else np.zeros(0), empty)
 
 
-def plot_dataset_stats(stats: DatasetStats, path: str | Path, title: str = "") -> Path:
+def config_health(cfg: Mapping[str, Any], split: str, dataset: Any, limit: int | None = None
+                  ) -> dict[str, Any] | str:
+    """The health summary of the config's own assigner on ``data.<split>`` as the split's loader batches
+    it (its transforms, padding, batch size, aspect grouping), or why it cannot be measured.
+    The model is built untrained and without ``backbone.init_weights``: the assigner needs its geometry only."""
+    spec = dict(cfg["model"])
+    if isinstance(spec.get("backbone"), Mapping) and "init_weights" in spec["backbone"]:
+        spec["backbone"] = {**spec["backbone"], "init_weights": None}  # no weights download for geometry
+    model = build_detector(spec)
+    check_class_counts(model, dataset)
+    reason = unsupported_reason(model)
+    if reason is not None:
+        return reason
+    loader = build_dataloader(cfg["data"], split, dataset=dataset)
+    probe = HealthProbe(model)
+    return loader_health(probe, loader, dataset.classes, limit, f"assigner health data.{split}").summary()
+
+
+def plot_dataset_stats(stats: DatasetStats, path: str | Path, title: str = "",
+                       health: dict[str, Any] | None = None) -> Path:
     """Three panels: boxes per class, boxes per image, and a histogram of sqrt(box area) on log bins
-    with COCO's small/medium/large boundaries."""
-    fig = new_figure(15, 4.2)
-    ax_cls, ax_img, ax_size = fig.subplots(1, 3)
+    with COCO's small/medium/large boundaries; a fourth with ``health`` (an assigner health summary):
+    GTs by number of positive priors, the zero bar in red."""
+    fig = new_figure(20 if health else 15, 4.2)
+    ax_cls, ax_img, ax_size, *ax_health = fig.subplots(1, 4 if health else 3)
     fig.suptitle(title or "dataset")
     counts = stats.class_counts()
     many = len(counts) > 20
@@ -92,9 +116,46 @@ def plot_dataset_stats(stats: DatasetStats, path: str | Path, title: str = "") -
             ax_size.axvline(edge, color="black", ls="--", lw=1)
             ax_size.text(edge, 0.97, f"{name} ", transform=ax_size.get_xaxis_transform(), va="top", ha="right",
                          rotation=90, fontsize=8)
-    for ax in (ax_cls, ax_img, ax_size):
+    if health:
+        plot_health(ax_health[0], health)
+    for ax in (ax_cls, ax_img, ax_size, *ax_health):
         ax.grid(alpha=0.3, axis="y")
     return save_figure(fig, path)
+
+
+def plot_health(ax: Any, health: dict[str, Any]) -> None:
+    """GTs per number of positives (bar 0 red: GTs the detector cannot learn), zero counts by size and
+    class and positives per level written in the panel."""
+    hist = {int(k): n for k, n in health["positives_per_gt"]["histogram"].items()}
+    counts = [hist.get(k, 0) for k in range(max(hist, default=0) + 1)]
+    ax.bar(range(len(counts)), counts, color=["#d62728"] + ["#9467bd"] * (len(counts) - 1))
+    ax.set_ylim(0, max(counts, default=1) * 1.45)  # room for the text above the bars
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    zero = health["gts_without_positives"]
+    ax.text(0, counts[0] if counts else 0, f"{zero['total']}", color="#d62728", ha="center", va="bottom",
+            fontsize=9)  # the zero bar is often too short to see
+    ax.set(title=f"assigner: positives per GT ({zero['total']} of {health['gts']} GTs have none)",
+           xlabel="positive priors of the GT", ylabel="GTs")
+    by_class = ", ".join(f"{c} {n}" for c, n in zero["by_class"].items() if n)
+    levels = " ".join(f"{k.split()[1]}:{n}" for k, n in health["positives_per_level"].items())
+    ax.text(0.02, 0.97, "without positives: " + ", ".join(f"{n} {zero[n]}" for n in SIZE_NAMES)
+            + (f"\n{by_class}" if by_class else "") + f"\npositives per level (stride:n)\n{levels}",
+            transform=ax.transAxes, va="top", ha="left", fontsize=8,
+            bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+
+
+def format_health(health: dict[str, Any]) -> str:
+    """The console lines of an assigner health summary."""
+    per_gt, zero = health["positives_per_gt"], health["gts_without_positives"]
+    lines = [(f"assigner health ({health['assigner']}, sizes by the box area after the transforms): "
+              f"{health['positives']} positives for {health['gts']} GTs, per GT mean {per_gt['mean']}, "
+              f"min {per_gt['min']}, max {per_gt['max']}"),
+             f"  GTs without positives: {zero['total']} (" + ", ".join(f"{n} {zero[n]}" for n in SIZE_NAMES) + ")",
+             *(f"  {name:<8} {g['gts']:>6d} GTs, {g['without_positives']:>5d} without positives, mean "
+               f"{g['mean_positives']} positives"
+               for groups in (health["by_size"], health["by_class"]) for name, g in groups.items()),
+             "  positives per level: " + ", ".join(f"{k} {n}" for k, n in health["positives_per_level"].items())]
+    return "\n".join(lines)
 
 
 def format_stats(stats: DatasetStats, name: str, max_empty: int = 50) -> str:

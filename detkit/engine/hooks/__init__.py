@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from detkit.engine.evaluator import EvalSettings
+from detkit.engine.hooks.assigner_health import AssignerHealthHook
 from detkit.engine.hooks.balance import Uncertainty
 from detkit.engine.hooks.base import Hook
 from detkit.engine.hooks.checkpoint import CheckpointHook
@@ -39,6 +40,8 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
     eval_settings = EvalSettings.from_config(cfg)  # checked with or without a val set, before anything is written
     if val_loader is not None:
         hooks.append(EvalHook(val_loader, s.eval_interval, s.best_metric, s.vis_images, eval_settings))
+        if eval_settings.diagnostics:
+            hooks.append(AssignerHealthHook(val_loader))
     if s.early_stop is not None:
         if val_loader is None:
             raise ConfigError("train.early_stop needs evaluations: add a data.val dataset")
@@ -56,4 +59,4 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
 
 __all__ = ["Hook", "HOOKS", "build_hooks", "NaNGuardHook", "NonFiniteLossError", "LRScheduleHook",
            "LossWeightScheduleHook", "EMAHook", "WarmupEMA", "TermGradNormHook", "EvalHook", "EarlyStopHook",
-           "CheckpointHook", "LoggerHook", "Uncertainty", "CloseMosaic"]
+           "CheckpointHook", "LoggerHook", "Uncertainty", "CloseMosaic", "AssignerHealthHook"]
