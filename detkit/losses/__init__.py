@@ -7,13 +7,20 @@ from typing import Any, Mapping
 from torch import nn
 
 from detkit.losses.cross_entropy import CrossEntropyLoss
-from detkit.losses.focal import FocalLoss
+from detkit.losses.focal import FocalLoss, FocalLossStar
+from detkit.losses.ghm import GHMC, GHMR
 from detkit.losses.heatmap import GaussianFocalLoss
-from detkit.losses.iou import CIoULoss, DIoULoss, EIoULoss, GIoULoss, IoULoss, SIoULoss
+from detkit.losses.iou import BoundedIoULoss, CIoULoss, DIoULoss, EIoULoss, GIoULoss, IoULoss, SIoULoss
 from detkit.losses.quality import DistributionFocalLoss, QualityFocalLoss, VarifocalLoss
 from detkit.losses.reduce import WeightedLoss, weight_reduce_loss
 from detkit.losses.regression import BalancedL1Loss, L1Loss, MSELoss, SmoothL1Loss
-from detkit.losses.weights import CosineWeight, LinearWeight, WeightSchedule
+from detkit.losses.weights import (
+    CosineWeight,
+    LinearWeight,
+    WeightSchedule,
+    class_weights_from_counts,
+    resolve_class_weights,
+)
 from detkit.registry import LOSSES
 
 
@@ -26,4 +33,5 @@ __all__ = ["LOSSES", "build_loss", "WeightedLoss", "weight_reduce_loss", "FocalL
            "CrossEntropyLoss", "SmoothL1Loss", "L1Loss", "IoULoss", "GIoULoss", "DIoULoss",
            "CIoULoss", "EIoULoss", "SIoULoss", "MSELoss", "BalancedL1Loss", "GaussianFocalLoss",
            "QualityFocalLoss", "VarifocalLoss", "DistributionFocalLoss", "WeightSchedule", "LinearWeight",
-           "CosineWeight"]
+           "CosineWeight", "GHMC", "GHMR", "BoundedIoULoss", "FocalLossStar", "class_weights_from_counts",
+           "resolve_class_weights"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,7 @@ from torch import Tensor
 
 from detkit.losses.focal import as_dense_target
 from detkit.losses.reduce import WeightedLoss
+from detkit.losses.weights import class_weight_for, register_class_weight
 from detkit.registry import LOSSES
 
 
@@ -19,8 +20,9 @@ class CrossEntropyLoss(WeightedLoss):
 
     Args:
         use_sigmoid: BCE with logits per class instead of a softmax over classes.
-        class_weight: per-class factor (length C); softmax: as ``F.cross_entropy(weight=)``,
-            sigmoid: scales each class column.
+        class_weight: per-class factor (length C) or ``auto`` (docs/losses.md, "Per-class
+            weights"); softmax: as ``F.cross_entropy(weight=)`` (the target's class), sigmoid:
+            scales each class column.
         label_smoothing: softmax: as ``F.cross_entropy``; sigmoid: targets become
             ``y * (1 - s) + s / 2``.
         ignore_index: class-index targets equal to it contribute nothing (loss and gradient 0);
@@ -39,9 +41,9 @@ class CrossEntropyLoss(WeightedLoss):
 
     kinds = frozenset({"classification", "score"})
 
-    def __init__(self, use_sigmoid: bool = False, class_weight: Sequence[float] | None = None,
+    def __init__(self, use_sigmoid: bool = False, class_weight: Sequence[float] | str | None = None,
                  label_smoothing: float = 0.0, ignore_index: int = -100, avg_non_ignore: bool = True,
-                 reduction: str = "mean", loss_weight: float = 1.0) -> None:
+                 reduction: str = "mean", loss_weight: Any = 1.0) -> None:
         super().__init__(reduction, loss_weight)
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
@@ -49,8 +51,7 @@ class CrossEntropyLoss(WeightedLoss):
         self.label_smoothing = float(label_smoothing)
         self.ignore_index = int(ignore_index)
         self.avg_non_ignore = bool(avg_non_ignore)
-        weight = None if class_weight is None else torch.as_tensor(class_weight, dtype=torch.float32)
-        self.register_buffer("class_weight", weight, persistent=False)
+        register_class_weight(self, class_weight)
 
     def _ignore_index(self, ignore_index: int | None) -> int:
         return self.ignore_index if ignore_index is None else int(ignore_index)
@@ -59,19 +60,20 @@ class CrossEntropyLoss(WeightedLoss):
         return None if target.is_floating_point() else target != self._ignore_index(ignore_index)
 
     def elementwise(self, pred: Tensor, target: Tensor, ignore_index: int | None = None) -> Tensor:
+        class_weight = class_weight_for(self, pred.shape[-1])
         valid = self._valid(target, ignore_index)
         if self.use_sigmoid:
             dense = as_dense_target(pred, torch.where(valid, target, pred.shape[-1])
                                     if valid is not None else target)
             if self.label_smoothing:
                 dense = dense * (1 - self.label_smoothing) + self.label_smoothing / 2
-            loss = F.binary_cross_entropy_with_logits(pred, dense, weight=self.class_weight, reduction="none")
+            loss = F.binary_cross_entropy_with_logits(pred, dense, weight=class_weight, reduction="none")
             return loss * valid.unsqueeze(-1) if valid is not None else loss
         if target.is_floating_point():
             raise ValueError("CrossEntropyLoss (softmax) takes int64 class-index targets; "
                              "use use_sigmoid: true for float targets")
         flat = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1),
-                               weight=self.class_weight, ignore_index=self._ignore_index(ignore_index),
+                               weight=class_weight, ignore_index=self._ignore_index(ignore_index),
                                label_smoothing=self.label_smoothing, reduction="none")
         return flat.reshape(target.shape)
 

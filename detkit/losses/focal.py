@@ -1,12 +1,15 @@
-"""Sigmoid focal loss (RetinaNet / FCOS classification)."""
+"""Sigmoid focal loss (RetinaNet / FCOS classification) and its FL* variant."""
 
 from __future__ import annotations
+
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from detkit.losses.reduce import WeightedLoss
+from detkit.losses.weights import class_weight_for, register_class_weight
 from detkit.registry import LOSSES
 
 
@@ -45,9 +48,25 @@ def sigmoid_focal(pred: Tensor, target: Tensor, gamma: float, alpha: float | Non
     ce = F.binary_cross_entropy_with_logits(pred, target, reduction="none")
     one_minus_p_t = torch.addcmul(p + target, p, target, value=-2.0)  # 1 - p_t = p + t - 2pt
     loss = ce * one_minus_p_t.pow(gamma)
-    if alpha is not None and alpha >= 0:
-        loss = loss * (target * (2 * alpha - 1) + (1 - alpha))  # alpha_t = alpha t + (1 - alpha)(1 - t)
-    return loss
+    return alpha_balance(loss, target, alpha)
+
+
+def alpha_balance(loss: Tensor, target: Tensor, alpha: float | None) -> Tensor:
+    """``loss * alpha_t``, ``alpha_t = alpha t + (1 - alpha)(1 - t)``; ``alpha`` None or negative: ``loss``."""
+    if alpha is None or alpha < 0:
+        return loss
+    return loss * (target * (2 * alpha - 1) + (1 - alpha))
+
+
+def sigmoid_focal_star(pred: Tensor, target: Tensor, gamma: float, alpha: float | None) -> Tensor:
+    """FL* (RetinaNet appendix A): ``-log(sigmoid(gamma x_t)) / gamma``, ``x_t = x (2t - 1)``, times
+    ``alpha_t``; equals fvcore's ``sigmoid_focal_loss_star(..., reduction='none')``."""
+    return alpha_balance(-F.logsigmoid(gamma * pred * (2 * target - 1)) / gamma, target, alpha)
+
+
+def apply_class_weight(loss: Tensor, class_weight: Tensor | None) -> Tensor:
+    """``loss (..., C)`` with column ``c`` multiplied by ``class_weight[c]``."""
+    return loss if class_weight is None else loss * class_weight.to(loss.dtype)
 
 
 @LOSSES.register()
@@ -57,6 +76,8 @@ class FocalLoss(WeightedLoss):
     Args:
         gamma: focusing exponent on ``(1 - p_t)``.
         alpha: positive/negative balance; ``None`` or negative disables it (torchvision's rule).
+        class_weight: ``(C,)`` factors in class order, column ``c`` of the loss times ``class_weight[c]``
+            (positives and negatives of class ``c``), or ``auto`` (docs/losses.md, "Per-class weights").
     Shapes: ``pred (..., C)`` logits; ``target`` either int64 ``(...,)`` in ``0..C`` where ``C``
     is background (all-zero row), or float ``(..., C)`` one-hot/soft. Elementwise loss ``(..., C)``;
     ``weight`` ``(...,)`` scales whole rows, ``(..., C)`` single logits. Any other class index
@@ -66,11 +87,38 @@ class FocalLoss(WeightedLoss):
 
     kinds = frozenset({"classification"})
 
-    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25, reduction: str = "mean",
-                 loss_weight: float = 1.0) -> None:
+    def __init__(self, gamma: float = 2.0, alpha: float | None = 0.25,
+                 class_weight: Sequence[float] | str | None = None, reduction: str = "mean",
+                 loss_weight: Any = 1.0) -> None:
         super().__init__(reduction, loss_weight)
         self.gamma = float(gamma)
         self.alpha = alpha
+        register_class_weight(self, class_weight)
+
+    def focal(self, pred: Tensor, target: Tensor) -> Tensor:
+        """The unweighted elementwise loss ``(..., C)`` of logits and float targets."""
+        return sigmoid_focal(pred, target, self.gamma, self.alpha)
 
     def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
-        return sigmoid_focal(pred, as_dense_target(pred, target), self.gamma, self.alpha)
+        class_weight = class_weight_for(self, pred.shape[-1])
+        return apply_class_weight(self.focal(pred, as_dense_target(pred, target)), class_weight)
+
+
+@LOSSES.register()
+class FocalLossStar(FocalLoss):
+    """FL* (Lin et al. 2017, appendix A; fvcore's ``sigmoid_focal_loss_star``): ``-log(sigmoid(gamma x_t)) / gamma``.
+
+    The focal effect from a sharper sigmoid instead of a ``(1 - p_t)^gamma`` factor. Defaults
+    ``gamma=1`` (plain BCE with logits, times ``alpha_t``), ``alpha=0.25``: fvcore's default
+    ``alpha`` is -1 (none). Arguments, targets and shapes as :class:`FocalLoss`.
+    """
+
+    def __init__(self, gamma: float = 1.0, alpha: float | None = 0.25,
+                 class_weight: Sequence[float] | str | None = None, reduction: str = "mean",
+                 loss_weight: Any = 1.0) -> None:
+        if not gamma > 0:
+            raise ValueError(f"FocalLossStar: gamma must be > 0, got {gamma}")
+        super().__init__(gamma, alpha, class_weight, reduction, loss_weight)
+
+    def focal(self, pred: Tensor, target: Tensor) -> Tensor:
+        return sigmoid_focal_star(pred, target, self.gamma, self.alpha)

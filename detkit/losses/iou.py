@@ -1,4 +1,4 @@
-"""IoU-family box losses on ``x1y1x2y2`` boxes: IoU (log/linear/square), GIoU, DIoU, CIoU, EIoU, SIoU.
+"""IoU-family box losses on ``x1y1x2y2`` boxes: IoU (log/linear/square), GIoU, DIoU, CIoU, EIoU, SIoU, bounded IoU.
 
 Values equal ``torchvision.ops.{generalized,distance,complete}_box_iou_loss`` for valid boxes;
 unlike them, loss and gradient stay finite for zero-width/height and inverted boxes (widths are
@@ -192,3 +192,43 @@ class SIoULoss(_BoxLoss):
         omega_h = (ph - th).abs() / torch.max(ph, th).clamp(min=self.eps)
         shape = (1 - torch.exp(-omega_w)).pow(4) + (1 - torch.exp(-omega_h)).pow(4)
         return 1 - iou + (distance + shape) / 2
+
+
+@LOSSES.register()
+class BoundedIoULoss(WeightedLoss):
+    """Bounded IoU loss (Tychsen-Smith & Petersson 2018), as mmdetection's ``bounded_iou_loss``.
+
+    Each of the centre offset and the size is scored by the best IoU it allows with the other
+    three coordinates ideal: ``l_x = 1 - max((w_t - 2|dx|) / (w_t + 2|dx| + eps), 0)``,
+    ``l_w = 1 - min(w_t / (w + eps), w / (w_t + eps))`` (and ``y``, ``h`` alike), ``dx`` the
+    centre offset; each ``l`` then goes through a smooth L1 at ``beta``:
+    ``0.5 l^2 / beta`` if ``l < beta`` else ``l - 0.5 beta``. ``pred`` is the box being
+    regressed (the paper's proposal): the target's side is a constant (no gradient), as in
+    mmdetection. Widths and heights are clamped at 0 (inverted boxes read as empty), so loss and
+    gradient stay finite where mmdetection divides by ``w + eps = 0``; same values for valid boxes.
+    Shapes: ``pred, target (..., 4)`` x1y1x2y2; elementwise loss ``(..., 4)`` (x, y, w, h terms,
+    as mmdetection); ``weight (...,)`` or ``(..., 4)``.
+    """
+
+    kinds = frozenset({"box"})
+
+    def __init__(self, beta: float = 0.2, eps: float = 1e-3, reduction: str = "mean", loss_weight: float = 1.0) -> None:
+        super().__init__(reduction, loss_weight)
+        if not beta > 0 or not eps > 0:
+            raise ValueError(f"BoundedIoULoss: beta and eps must be > 0, got beta={beta}, eps={eps}")
+        self.beta, self.eps = float(beta), float(eps)
+
+    def elementwise(self, pred: Tensor, target: Tensor) -> Tensor:
+        if pred.shape != target.shape or pred.shape[-1:] != (4,):
+            raise ValueError(f"BoundedIoULoss: pred and target must both be (..., 4) x1y1x2y2 boxes, got "
+                             f"{tuple(pred.shape)} and {tuple(target.shape)}")
+        target = target.detach()
+        (pw, ph), (tw, th) = _wh(pred), _wh(target)
+        dx, dy = center_offset(pred, target)
+        eps, zero = self.eps, torch.zeros_like(dx)  # maximum, not clamp: a tie at 0 splits the gradient, as mmdetection
+        loss_x = 1 - torch.maximum((tw - 2 * dx.abs()) / (tw + 2 * dx.abs() + eps), zero)
+        loss_y = 1 - torch.maximum((th - 2 * dy.abs()) / (th + 2 * dy.abs() + eps), zero)
+        loss_w = 1 - torch.min(tw / (pw + eps), pw / (tw + eps))
+        loss_h = 1 - torch.min(th / (ph + eps), ph / (th + eps))
+        loss = torch.stack([loss_x, loss_y, loss_w, loss_h], -1)
+        return torch.where(loss < self.beta, 0.5 * loss * loss / self.beta, loss - 0.5 * self.beta)

@@ -14,14 +14,15 @@ passes ``(labels, scores)``), not ``classification`` (class-index targets):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from detkit.losses.focal import labels_to_one_hot
+from detkit.losses.focal import apply_class_weight, labels_to_one_hot
 from detkit.losses.reduce import WeightedLoss
+from detkit.losses.weights import class_weight_for, register_class_weight
 from detkit.registry import LOSSES
 
 
@@ -42,6 +43,15 @@ def quality_target(pred: Tensor, target: Any) -> Tensor:
     return target
 
 
+def probability_bce(prob: Tensor, target: Tensor) -> Tensor:
+    """``F.binary_cross_entropy`` (logs clamped at -100, as torch and mmdetection) of probabilities.
+
+    Outside autocast: CUDA autocast refuses ``binary_cross_entropy`` even on float32 inputs.
+    """
+    with torch.autocast(prob.device.type, enabled=False):
+        return F.binary_cross_entropy(prob, target, reduction="none")
+
+
 def _check_sigmoid(owner: str, use_sigmoid: bool) -> None:
     if use_sigmoid is not True:
         raise ValueError(f"{owner}: only the sigmoid form exists (use_sigmoid: true), got {use_sigmoid!r}")
@@ -54,24 +64,40 @@ class QualityFocalLoss(WeightedLoss):
     ``t`` is the score at the positive's own class and 0 elsewhere, so negatives get
     ``sigmoid(x)^beta * BCE(x, 0)``; equals mmdetection's ``quality_focal_loss`` (tuple target)
     and ``quality_focal_loss_tensor_target`` (dense target).
-    Shapes: ``pred (..., C)`` logits; ``target`` ``(labels (...,), scores (...,))`` or float
-    ``(..., C)`` (see module doc); elementwise loss ``(...,)`` (summed over C, as mmdetection);
-    ``weight (...,)``. Normalise with ``avg_factor`` (GFL: the number of positives).
+
+    Args:
+        activated: ``pred`` holds probabilities already (``sigmoid`` applied by the head):
+            ``|t - p|^beta * BCE(p, t)`` with torch's ``binary_cross_entropy`` (logs clamped at
+            -100), as mmdetection's ``quality_focal_loss_with_prob``.
+        class_weight: ``(C,)`` factors, class ``c``'s term times ``class_weight[c]`` before the sum
+            over classes, or ``auto`` (docs/losses.md, "Per-class weights").
+    Shapes: ``pred (..., C)`` logits (probabilities with ``activated``); ``target``
+    ``(labels (...,), scores (...,))`` or float ``(..., C)`` (see module doc); elementwise loss
+    ``(...,)`` (summed over C, as mmdetection); ``weight (...,)``. Normalise with ``avg_factor``
+    (GFL: the number of positives).
     """
 
     kinds = frozenset({"quality"})  # (labels, IoU) targets: a GFL cls term, not an FCOS one
 
-    def __init__(self, use_sigmoid: bool = True, beta: float = 2.0, reduction: str = "mean",
-                 loss_weight: float = 1.0) -> None:
+    def __init__(self, use_sigmoid: bool = True, beta: float = 2.0, activated: bool = False,
+                 class_weight: Sequence[float] | str | None = None, reduction: str = "mean",
+                 loss_weight: Any = 1.0) -> None:
         super().__init__(reduction, loss_weight)
         _check_sigmoid("QualityFocalLoss", use_sigmoid)
         self.use_sigmoid = True
         self.beta = float(beta)
+        self.activated = bool(activated)
+        register_class_weight(self, class_weight)
 
     def elementwise(self, pred: Tensor, target: Any) -> Tensor:
+        class_weight = class_weight_for(self, pred.shape[-1])
         dense = quality_target(pred, target)
-        scale = (dense - torch.sigmoid(pred)).abs().pow(self.beta)
-        return (F.binary_cross_entropy_with_logits(pred, dense, reduction="none") * scale).sum(-1)
+        if self.activated:
+            loss = probability_bce(pred, dense) * (dense - pred).abs().pow(self.beta)
+        else:
+            scale = (dense - torch.sigmoid(pred)).abs().pow(self.beta)
+            loss = F.binary_cross_entropy_with_logits(pred, dense, reduction="none") * scale
+        return apply_class_weight(loss, class_weight).sum(-1)
 
 
 @LOSSES.register()
@@ -84,6 +110,7 @@ class VarifocalLoss(WeightedLoss):
         alpha: weight of the negatives (not focal loss's alpha).
         gamma: focusing exponent on the negatives.
         iou_weighted: positives weighted by their target ``t`` (True) or by 1.
+        class_weight: ``(C,)`` factors, column ``c`` times ``class_weight[c]``, or ``auto``.
     Shapes: ``pred (..., C)`` logits; ``target`` float ``(..., C)`` IoU-aware scores, or QFL's
     ``(labels, scores)`` tuple; elementwise loss ``(..., C)``; ``weight (...,)`` or ``(..., C)``.
     Equals mmdetection's ``varifocal_loss``.
@@ -92,7 +119,8 @@ class VarifocalLoss(WeightedLoss):
     kinds = frozenset({"quality"})  # (labels, IoU) targets: a GFL cls term, not an FCOS one
 
     def __init__(self, use_sigmoid: bool = True, alpha: float = 0.75, gamma: float = 2.0,
-                 iou_weighted: bool = True, reduction: str = "mean", loss_weight: float = 1.0) -> None:
+                 iou_weighted: bool = True, class_weight: Sequence[float] | str | None = None,
+                 reduction: str = "mean", loss_weight: Any = 1.0) -> None:
         super().__init__(reduction, loss_weight)
         _check_sigmoid("VarifocalLoss", use_sigmoid)
         if alpha < 0:
@@ -101,13 +129,16 @@ class VarifocalLoss(WeightedLoss):
         self.alpha = float(alpha)
         self.gamma = float(gamma)
         self.iou_weighted = bool(iou_weighted)
+        register_class_weight(self, class_weight)
 
     def elementwise(self, pred: Tensor, target: Any) -> Tensor:
+        class_weight = class_weight_for(self, pred.shape[-1])
         dense = quality_target(pred, target)
         negative = self.alpha * (torch.sigmoid(pred) - dense).abs().pow(self.gamma)
         positive = dense if self.iou_weighted else torch.ones_like(dense)
         focal_weight = torch.where(dense > 0, positive, negative)
-        return F.binary_cross_entropy_with_logits(pred, dense, reduction="none") * focal_weight
+        loss = F.binary_cross_entropy_with_logits(pred, dense, reduction="none") * focal_weight
+        return apply_class_weight(loss, class_weight)
 
 
 @LOSSES.register()
