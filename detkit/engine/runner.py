@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detkit.config import dump_config
-from detkit.data import build_dataloader
+from detkit.data import build_dataloader, build_dataset
 from detkit.data.loader import data_settings
 from detkit.distributed import any_rank, get_rank, get_world_size, is_distributed
 from detkit.engine.checkpoint import (
@@ -44,6 +44,7 @@ from detkit.engine.writers import (
     build_writers,
     check_writer_specs,
 )
+from detkit.losses.weights import resolve_class_weights
 from detkit.models import build_detector
 from detkit.registry import ConfigError
 
@@ -139,10 +140,13 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
                     "with --load-from %s", found[0], found[1]["stop_reason"], found[0])
         return None
     seed_everything(settings.seed + rank)
+    # the training set before the model: class_weight: auto is computed from its boxes per class
+    train_set = build_dataset(cfg["data"]["train"], "data.train") if "train" in cfg["data"] else None
+    cfg["model"] = resolve_class_weights(cfg["model"], train_set)  # config.yaml and checkpoints keep the numbers
     model = build_detector(cfg["model"]).to(dev)
     if settings.sync_bn and is_distributed():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    loader = build_dataloader(cfg["data"], "train", seed=settings.seed, rank=rank, world_size=world)
+    loader = build_dataloader(cfg["data"], "train", seed=settings.seed, rank=rank, world_size=world, dataset=train_set)
     if len(loader) == 0:
         raise ConfigError(f"data.train: {len(loader.dataset)} images give no batch of {loader.batch_size} on "
                           f"{world} process(es)")
