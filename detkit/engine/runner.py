@@ -7,6 +7,7 @@ import logging
 import os
 import shlex
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,15 +52,17 @@ from detkit.registry import ConfigError
 logger = logging.getLogger("detkit")
 
 
-def init_distributed(device_arg: str) -> tuple[torch.device, int]:
-    """Join the ``torchrun`` process group when ``WORLD_SIZE > 1``; returns (device, local rank)."""
+def init_distributed(device_arg: str, timeout: float | None = None) -> tuple[torch.device, int]:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE > 1``, its collectives failing after ``timeout``
+    seconds (torch's default when None); returns (device, local rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_arg == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch.cuda.is_available() is False")
     use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
     if world > 1 and not is_distributed():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=None if timeout is None else timedelta(seconds=timeout))
         if not use_cuda:  # share the cores between the local processes
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
@@ -123,7 +126,7 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
     data_settings(cfg["data"])
     check_writer_specs(settings.writers)
     optimizer_spec = check_optimizer_spec(cfg.get("optimizer") or {"type": "SGD", "lr": 0.01, "momentum": 0.9})
-    dev, local_rank = init_distributed(device or settings.device)
+    dev, local_rank = init_distributed(device or settings.device, settings.ddp_timeout)
     rank, world = get_rank(), get_world_size()
     setup_logging(None, rank)
     if settings.amp == "fp16" and dev.type != "cuda":

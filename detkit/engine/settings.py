@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -118,6 +119,7 @@ class TrainSettings:
                                                    {"type": "TensorboardWriter"}])
     loss_balance: Any = None
     close_mosaic: int = 0
+    ddp_timeout: float = 600.0  # seconds; NCCL's own default is 10 min too
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "TrainSettings":
@@ -158,6 +160,10 @@ class TrainSettings:
         if self.loss_balance is not None and not (isinstance(self.loss_balance, Mapping) and "type" in self.loss_balance):
             raise ConfigError(f"train.loss_balance must be null or a spec like {{type: Uncertainty}}, "
                               f"got {self.loss_balance!r}")
+        timeout = self.ddp_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ConfigError(f"train.ddp_timeout must be a number of seconds > 0 (how long a rank may make no "
+                              f"progress before a multi-process run is stopped), got {timeout!r}")
         _ema(self.ema)
         self.early_stop = _early_stop(self.early_stop)
         self.hooks = _spec_list("hooks", self.hooks)

@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from detkit.distributed import is_distributed
 from detkit.engine.evaluator import EvalSettings
 from detkit.engine.hooks.assigner_health import AssignerHealthHook
 from detkit.engine.hooks.balance import Uncertainty
@@ -19,6 +20,7 @@ from detkit.engine.hooks.grad_norm import TermGradNormHook
 from detkit.engine.hooks.logger import LoggerHook
 from detkit.engine.hooks.nan_guard import NaNGuardHook, NonFiniteLossError
 from detkit.engine.hooks.schedule import LossWeightScheduleHook, LRScheduleHook
+from detkit.engine.hooks.watchdog import StallWatchdogHook
 from detkit.engine.settings import TrainSettings
 from detkit.registry import HOOKS, ConfigError
 
@@ -37,6 +39,8 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
         hooks.append(EMAHook(*s.ema_decay))
     if s.close_mosaic:
         hooks.append(CloseMosaic(s.close_mosaic))
+    if is_distributed():
+        hooks.append(StallWatchdogHook(s.ddp_timeout))
     eval_settings = EvalSettings.from_config(cfg)  # checked with or without a val set, before anything is written
     if val_loader is not None:
         hooks.append(EvalHook(val_loader, s.eval_interval, s.best_metric, s.vis_images, eval_settings))
@@ -59,4 +63,4 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
 
 __all__ = ["Hook", "HOOKS", "build_hooks", "NaNGuardHook", "NonFiniteLossError", "LRScheduleHook",
            "LossWeightScheduleHook", "EMAHook", "WarmupEMA", "TermGradNormHook", "EvalHook", "EarlyStopHook",
-           "CheckpointHook", "LoggerHook", "Uncertainty", "CloseMosaic", "AssignerHealthHook"]
+           "CheckpointHook", "LoggerHook", "Uncertainty", "CloseMosaic", "StallWatchdogHook", "AssignerHealthHook"]
