@@ -14,7 +14,7 @@ from torchvision import tv_tensors
 
 from detkit.data.coco import decode_rgb
 from detkit.data.collate import collate_detection
-from detkit.data.transforms import build_transforms
+from detkit.data.transforms import build_transforms, refuse_mixing
 from detkit.engine.checkpoint import (
     evaluation_weights,
     load_checkpoint,
@@ -98,6 +98,7 @@ class DetectorModel:
         self.cat_ids = list(cat_ids) if cat_ids else list(range(len(self.classes)))
         data = self.config.get("data") or {}
         self.pipeline = build_transforms((data.get("val") or {}).get("transforms", []))
+        refuse_mixing(self.pipeline, "data.val")
         self.size_divisor = int(data.get("size_divisor", 32))
 
     def prepare(self, images: Sequence[ImageInput]) -> dict[str, Any]:

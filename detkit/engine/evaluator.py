@@ -15,6 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
+from detkit.data.class_map import keep_categories, match_classes
 from detkit.engine.settings import section_settings
 from detkit.registry import ConfigError
 
@@ -37,19 +38,47 @@ def to_original_coords(det: dict[str, Tensor], scale_factor: Tensor, orig_size: 
     return {"boxes": boxes, "scores": det["scores"].float().cpu(), "labels": det["labels"].cpu()}
 
 
-def coco_results(predictions: Sequence[dict[str, Tensor]], image_ids: Sequence[int], cat_ids: Sequence[int]
-                 ) -> list[dict[str, Any]]:
-    """Per-image predictions (original pixels) -> COCO results list (``bbox`` as xywh)."""
+def coco_results(predictions: Sequence[dict[str, Tensor]], image_ids: Sequence[int],
+                 cat_ids: Sequence[int] | Mapping[int, int]) -> list[dict[str, Any]]:
+    """Per-image predictions (original pixels) -> COCO results list (``bbox`` as xywh). ``cat_ids``: the
+    category id of each model label, a list (label ``i`` -> ``cat_ids[i]``) or a ``{label: id}`` mapping;
+    detections of other labels have no category to be scored in and are left out."""
+    cat_of = cat_ids if isinstance(cat_ids, Mapping) else dict(enumerate(cat_ids))
     results = []
     for pred, image_id in zip(predictions, image_ids):
         boxes = pred["boxes"].tolist()
         for (x1, y1, x2, y2), score, label in zip(boxes, pred["scores"].tolist(), pred["labels"].tolist()):
-            if label >= len(cat_ids):  # a model with more classes than the dataset: no category to score
+            if int(label) not in cat_of:
                 continue
-            results.append({"image_id": int(image_id), "category_id": int(cat_ids[int(label)]),
+            results.append({"image_id": int(image_id), "category_id": int(cat_of[int(label)]),
                             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                             "score": round(float(score), 5)})
     return results
+
+
+@dataclass
+class EvalClasses:
+    """What an evaluation scores: ``cat_of`` maps each model label to its category id in the dataset,
+    ``coco`` is the ground truth of the categories both have, ``classes`` their names in sorted-id
+    order (COCOeval's class axis), ``left_out`` the sentence naming the rest ('' when nothing is)."""
+
+    cat_of: dict[int, int]
+    coco: COCO
+    classes: list[str]
+    left_out: str = ""
+
+
+def eval_classes(dataset: Any, model_classes: Sequence[str] | None, num_model_classes: int | None,
+                 model_source: str, dataset_source: str = "data.val") -> EvalClasses:
+    """Model labels matched to ``dataset``'s categories by name (:func:`~detkit.data.class_map.match_classes`:
+    a :class:`ConfigError` naming both lists when they cannot be), and the ground truth reduced to
+    the classes both have."""
+    match = match_classes(model_classes, dataset.classes, num_model_classes, model_source, dataset_source)
+    kept = sorted(set(match.labels.values()))
+    cat_ids = [dataset.cat_ids[k] for k in kept]
+    coco = dataset.coco if len(kept) == len(dataset.cat_ids) else keep_categories(dataset.coco, cat_ids, dataset_source)
+    return EvalClasses({m: dataset.cat_ids[d] for m, d in match.labels.items()}, coco,
+                       [dataset.classes[k] for k in kept], match.left_out(model_source, dataset_source))
 
 
 class EvalBackendMissing(ConfigError):
@@ -161,14 +190,18 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: str | None = None,
-                   vis_images: int = 0, desc: str = "eval", backend: str = "pycocotools") -> Evaluation:
+                   vis_images: int = 0, desc: str = "eval", backend: str = "pycocotools",
+                   classes: EvalClasses | None = None) -> Evaluation:
     """Predict every image of ``loader`` (sharded under DDP) and score all of them with COCOeval
-    (``backend``: pycocotools or faster_coco_eval) on rank 0."""
+    (``backend``: pycocotools or faster_coco_eval) on rank 0, in the categories of ``classes``
+    (:func:`eval_classes`; None: the model's labels are the dataset's, one to one)."""
     from detkit.distributed import all_gather_objects, get_rank, is_distributed
     from detkit.engine.run_log import progress
     from detkit.engine.trainer import autocast
 
     dataset, was_training = loader.dataset, model.training
+    if classes is None:
+        classes = EvalClasses(dict(enumerate(dataset.cat_ids)), dataset.coco, list(dataset.classes))
     model.eval()
     preds, ids, pictures = [], [], []
     for batch in progress(loader, len(loader), desc, get_rank() == 0):
@@ -181,7 +214,7 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: str
                 h, w = batch["image_sizes"][i].tolist()
                 pictures.append((batch["images"][i, :, :h, :w], {k: v.cpu() for k, v in det.items()}))
     model.train(was_training)
-    gathered = all_gather_objects((coco_results(preds, ids, dataset.cat_ids), ids))
+    gathered = all_gather_objects((coco_results(preds, ids, classes.cat_of), ids))
     evaluation = Evaluation(metrics={}, pictures=pictures)
     if get_rank() == 0:
         seen: set[int] = set()
@@ -191,8 +224,8 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: str
             seen |= fresh
         evaluation.num_images, evaluation.image_ids = len(seen), sorted(seen)
         if evaluation.results:
-            evaluation.coco_eval = run_cocoeval(dataset.coco, evaluation.results, evaluation.image_ids, backend)
-        evaluation.metrics = summarize(evaluation.coco_eval, dataset.classes)
+            evaluation.coco_eval = run_cocoeval(classes.coco, evaluation.results, evaluation.image_ids, backend)
+        evaluation.metrics = summarize(evaluation.coco_eval, classes.classes)
     if is_distributed():
         evaluation.metrics = all_gather_objects(evaluation.metrics)[0]
     return evaluation

@@ -7,7 +7,6 @@ import logging
 import os
 import shlex
 import sys
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detkit.config import dump_config
-from detkit.data import build_dataloader, build_dataset
+from detkit.data import build_dataloader
 from detkit.data.loader import data_settings
 from detkit.distributed import any_rank, get_rank, get_world_size, is_distributed
 from detkit.engine.checkpoint import (
@@ -28,7 +27,7 @@ from detkit.engine.checkpoint import (
     remove_stale_temp_files,
 )
 from detkit.engine.compiled_step import CompiledLoss
-from detkit.engine.evaluator import EvalSettings, evaluate_model
+from detkit.engine.evaluator import EvalSettings, eval_classes, evaluate_model
 from detkit.engine.hooks import CloseMosaic, TermGradNormHook, build_hooks
 from detkit.engine.hooks.close_mosaic import mixing_steps
 from detkit.engine.load_from import load_pretrained
@@ -45,24 +44,21 @@ from detkit.engine.writers import (
     build_writers,
     check_writer_specs,
 )
-from detkit.losses.weights import resolve_class_weights
 from detkit.models import build_detector
 from detkit.registry import ConfigError
 
 logger = logging.getLogger("detkit")
 
 
-def init_distributed(device_arg: str, timeout: float | None = None) -> tuple[torch.device, int]:
-    """Join the ``torchrun`` process group when ``WORLD_SIZE > 1``, its collectives failing after ``timeout``
-    seconds (torch's default when None); returns (device, local rank)."""
+def init_distributed(device_arg: str) -> tuple[torch.device, int]:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE > 1``; returns (device, local rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_arg == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch.cuda.is_available() is False")
     use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
     if world > 1 and not is_distributed():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=None if timeout is None else timedelta(seconds=timeout))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
         if not use_cuda:  # share the cores between the local processes
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
@@ -126,7 +122,7 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
     data_settings(cfg["data"])
     check_writer_specs(settings.writers)
     optimizer_spec = check_optimizer_spec(cfg.get("optimizer") or {"type": "SGD", "lr": 0.01, "momentum": 0.9})
-    dev, local_rank = init_distributed(device or settings.device, settings.ddp_timeout)
+    dev, local_rank = init_distributed(device or settings.device)
     rank, world = get_rank(), get_world_size()
     setup_logging(None, rank)
     if settings.amp == "fp16" and dev.type != "cuda":
@@ -143,13 +139,10 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
                     "with --load-from %s", found[0], found[1]["stop_reason"], found[0])
         return None
     seed_everything(settings.seed + rank)
-    # the training set before the model: class_weight: auto is computed from its boxes per class
-    train_set = build_dataset(cfg["data"]["train"], "data.train") if "train" in cfg["data"] else None
-    cfg["model"] = resolve_class_weights(cfg["model"], train_set)  # config.yaml and checkpoints keep the numbers
     model = build_detector(cfg["model"]).to(dev)
     if settings.sync_bn and is_distributed():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    loader = build_dataloader(cfg["data"], "train", seed=settings.seed, rank=rank, world_size=world, dataset=train_set)
+    loader = build_dataloader(cfg["data"], "train", seed=settings.seed, rank=rank, world_size=world)
     if len(loader) == 0:
         raise ConfigError(f"data.train: {len(loader.dataset)} images give no batch of {loader.batch_size} on "
                           f"{world} process(es)")
@@ -258,7 +251,8 @@ def run_training(cfg: dict[str, Any], work_dir: Path, device: str | None = None,
 
 def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, work_dir: Path, device: str | None = None
                         ) -> dict[str, Any]:
-    """Load ``checkpoint``'s evaluation weights into the config's model and evaluate on ``data.val``.
+    """Load ``checkpoint``'s evaluation weights into the config's model and evaluate on ``data.val``,
+    the model's labels matched to ``data.val``'s categories by the class names the checkpoint stores.
 
     Writes ``log.txt``, ``metrics.jsonl`` and ``results.json`` into ``work_dir``; no trainer involved.
     """
@@ -271,11 +265,15 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, work_dir: Path, de
     setup_logging(None, get_rank())
     state = load_checkpoint(checkpoint)
     model = build_detector(cfg["model"])
-    load_model_weights(model, evaluation_weights(state), checkpoint)
     loader = build_dataloader(cfg["data"], "val", seed=settings.seed, rank=get_rank(), world_size=get_world_size())
+    classes = eval_classes(loader.dataset, state.get("classes"), getattr(model, "num_classes", None),
+                           f"the checkpoint {checkpoint}")
+    load_model_weights(model, evaluation_weights(state), checkpoint)
     setup_logging(work_dir, get_rank())
+    if classes.left_out:
+        logger.warning("%s", classes.left_out)
     ev = evaluate_model(model.to(dev), loader, dev, resolve_amp(settings.amp, dev),
-                        backend=EvalSettings.from_config(cfg).backend)
+                        backend=EvalSettings.from_config(cfg).backend, classes=classes)
     if get_rank() == 0:
         record = {"epoch": int(state.get("epoch", 0)), "iter": int(state.get("iter", 0)),
                   "checkpoint": str(checkpoint), "num_images": ev.num_images, **ev.metrics}
