@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -138,7 +138,7 @@ def dataset_box_counts(dataset: Any) -> list[int]:
     return counts
 
 
-def _class_weight_specs(spec: Any, path: str, num_classes: int | None):
+def _class_weight_specs(spec: Any, path: str, num_classes: int | None) -> Iterator[tuple[str, dict, int | None]]:
     """``(path, loss spec, num_classes of the nearest enclosing spec)`` for each spec with ``class_weight``."""
     if isinstance(spec, Mapping):
         num_classes = spec.get("num_classes", num_classes)
