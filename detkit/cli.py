@@ -174,6 +174,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from detkit.analysis import AnalysisError
+    from detkit.analysis.compare import compare
+
+    try:
+        return compare(args)
+    except AnalysisError as err:  # a run folder without its evaluation: bad data, not a bad argument
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
 def add_set_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. --set train.epochs=3 model.head.losses.bbox.type=DIoULoss")
@@ -232,6 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
     p_export.add_argument("--legacy-exporter", action="store_true",
                           help="ONNX through torch.onnx's TorchScript-based exporter (faster to export; same graph)")
     p_export.set_defaults(func=cmd_export)
+    p_compare = sub.add_parser("compare", help="train configs x seeds and compare their AP with paired-bootstrap "
+                                               "intervals (also: tools/compare.py; docs/compare.md)")
+    p_compare.add_argument("--configs", nargs="+", required=True, metavar="CFG",
+                           help="YAML configs; the first (with the first variant) is the baseline")
+    p_compare.add_argument("--seeds", type=int, default=3, help="runs per config, train.seed=0..N-1 (default 3)")
+    add_set_argument(p_compare)
+    p_compare.add_argument("--variants", nargs="+", action="extend", default=[], metavar='"NAME: K=V ..."',
+                           help='named override sets, each run for every config, e.g. "fp32: train.amp=null" '
+                                '"bf16: train.amp=bf16"')
+    p_compare.add_argument("--out", required=True, help="folder for runs/, logs/ and report.{md,json,png}")
+    p_compare.add_argument("--devices", default=None, metavar="0,1,...",
+                           help="GPUs: one run per GPU at a time, in parallel (CUDA_VISIBLE_DEVICES per run)")
+    p_compare.add_argument("--shard", default=None, metavar="I/N",
+                           help="train only runs I, I+N, I+2N, ... of the sorted list (0 <= I < N)")
+    p_compare.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    p_compare.add_argument("--bootstrap-seed", type=int, default=0, metavar="S", help="seed of the resamples")
+    p_compare.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -1,0 +1,244 @@
+"""``compare``: the bootstrap AP against COCOeval, the report's intervals against a bootstrap written out
+here with pycocotools on literally duplicated images, bad input, and the sweep end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from detkit.analysis.bootstrap import match_records, resampled_ap
+from detkit.analysis.compare import compare
+from detkit.analysis.compare_report import (
+    RunResult,
+    build_report,
+    read_run,
+    write_report,
+)
+from detkit.analysis.eval_benchmark import synthetic_coco
+from detkit.cli import build_parser, main
+from detkit.config import dump_config, load_config
+from detkit.engine.evaluator import run_cocoeval
+from tests.cli_runner import run_main, tiny_shapes
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "fcos" / "fcos_r18_fpn_shapes.yaml"
+DIOU = CONFIG.with_name("fcos_r18_fpn_shapes_diou.yaml")
+
+
+def coco_of(dataset: dict) -> COCO:
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def ground_truth(num_images: int = 16, seed: int = 0) -> dict:
+    """Images of 200x200 with 1-4 boxes of 2 classes, one crowd box, one image without boxes."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": i, "width": 200, "height": 200, "file_name": f"{i}.png"} for i in range(1, num_images + 1)]
+    anns = []
+    for image in images[1:]:
+        for _ in range(int(rng.integers(1, 5))):
+            w, h = rng.uniform(15, 80, 2)
+            x, y = rng.uniform(0, 200 - w), rng.uniform(0, 200 - h)
+            anns.append({"id": len(anns) + 1, "image_id": image["id"], "category_id": int(rng.integers(1, 3)),
+                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(len(anns) == 3)})
+    return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
+
+
+def detections(gt: dict, jitter: float, false_positives: int, seed: int) -> list[dict]:
+    """Each box found with relative ``jitter`` (score falling with the error), plus random boxes. Scores
+    never tie: the bootstrap equals COCOeval on duplicated images up to the order of equal scores."""
+    rng = np.random.default_rng(seed)
+    results = []
+    for ann in gt["annotations"]:
+        x, y, w, h = ann["bbox"]
+        error = rng.normal(0, jitter, 4)
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                        "bbox": [x + error[0] * w, y + error[1] * h, w * (1 + error[2]), h * (1 + error[3])],
+                        "score": float(np.exp(-np.abs(error).sum()) * rng.uniform(0.8, 1.0))})  # no ties
+    for _ in range(false_positives):
+        x, y = rng.uniform(0, 150, 2)
+        results.append({"image_id": int(rng.integers(1, len(gt["images"]) + 1)), "category_id": int(rng.integers(1, 3)),
+                        "bbox": [x, y, 30.0, 30.0], "score": float(rng.uniform(0.01, 0.9))})
+    return results
+
+
+def fake_run(folder: Path, coco: COCO, results: list[dict]) -> Path:
+    """A work dir as a finished run leaves it: metrics.jsonl with its last eval and that results file."""
+    (folder / "results").mkdir(parents=True)
+    ap = run_cocoeval(coco, results).stats
+    metrics = [float(v) if v >= 0 else None for v in ap[:6]]  # as the trainer logs them: no such boxes -> null
+    record = {"type": "eval", "epoch": 2, "iter": 8, **dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), metrics))}
+    (folder / "metrics.jsonl").write_text(json.dumps({"type": "eval", "epoch": 1, "AP": 0.0}) + "\n"
+                                          + json.dumps(record) + "\n")
+    (folder / "results" / "bbox_epoch_2.json").write_text(json.dumps(results))
+    return folder
+
+
+def literal_ap(gt: dict, results: list[dict], counts: np.ndarray) -> float:
+    """COCOeval's AP on the dataset in which image i (in id order) appears ``counts[i]`` times."""
+    images, anns, res = [], [], []
+    for image, count in zip(sorted(gt["images"], key=lambda im: im["id"]), counts):
+        for _ in range(count):
+            new_id = len(images) + 1
+            images.append({**image, "id": new_id})
+            anns += [{**a, "id": len(anns) + k + 1, "image_id": new_id}
+                     for k, a in enumerate(a for a in gt["annotations"] if a["image_id"] == image["id"])]
+            res += [{**r, "image_id": new_id} for r in results if r["image_id"] == image["id"]]
+    coco = coco_of({**gt, "images": images, "annotations": anns})
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(coco, coco.loadRes(res), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[0])
+
+
+@pytest.mark.parametrize("images, classes, dets", [(30, 4, 40), (6, 1, 150)])  # 150: over COCO's 100 per image
+def test_identity_resample_is_cocoeval_ap(images: int, classes: int, dets: int) -> None:
+    coco, results = synthetic_coco(images, classes, dets=dets, seed=3)
+    crowd = {**coco.dataset["annotations"][0], "id": 10_000, "iscrowd": 1}  # crowd: matched, never counted
+    coco = coco_of({**coco.dataset, "annotations": [*coco.dataset["annotations"], crowd]})
+    ids = coco.getImgIds()
+    expected = run_cocoeval(coco, results, ids).stats[0]
+    got = resampled_ap(match_records(coco, results, ids), np.ones((1, len(ids)), dtype=np.int64))[0]
+    assert abs(got - expected) < 1e-6
+    assert resampled_ap(match_records(coco, [], ids), np.ones((1, len(ids)), dtype=np.int64))[0] == 0.0
+
+
+def test_report_intervals_match_an_independent_bootstrap(tmp_path: Path) -> None:
+    gt = ground_truth()
+    coco = coco_of(gt)
+    runs = {("worse_boxes", s): detections(gt, 0.12, 12, seed=10 + s) for s in range(2)}
+    runs |= {("good_boxes", s): detections(gt, 0.02, 2, seed=20 + s) for s in range(2)}
+    runs |= {("worse_again", s): detections(gt, 0.12, 12, seed=30 + s) for s in range(2)}
+    results = [read_run(label, seed, fake_run(tmp_path / label / str(seed), coco, res))
+               for (label, seed), res in runs.items()]
+    resamples, seed = 20, 7
+    report = build_report(results, coco, coco.getImgIds(), resamples, seed)
+
+    draws = np.random.default_rng(seed).integers(0, 16, (resamples, 16))  # the documented resampling
+    counts = [np.ones(16, dtype=np.int64), *(np.bincount(row, minlength=16) for row in draws)]
+    seed_mean = {label: np.mean([[literal_ap(gt, runs[label, s], c) for c in counts] for s in range(2)], axis=0)
+                 for label in ("worse_boxes", "good_boxes", "worse_again")}
+    for label, verdict in (("good_boxes", "better"), ("worse_again", "not distinguishable at this data size")):
+        diffs = seed_mean[label] - seed_mean["worse_boxes"]
+        got = report["comparisons"][label]
+        assert got["diff"] == pytest.approx(diffs[0], abs=1e-9)
+        assert [got["low"], got["high"]] == pytest.approx(np.percentile(diffs[1:], [2.5, 97.5]), abs=1e-9)
+        assert got["verdict"] == verdict
+    assert report["comparisons"]["good_boxes"]["low"] > 0
+    assert report["configs"]["good_boxes"]["ap_recomputed"] == pytest.approx(
+        [r.metrics["AP"] for r in results if r.label == "good_boxes"], abs=1e-6)
+
+    paths = write_report(report, tmp_path / "report")
+    assert [p.name for p in paths] == ["report.json", "report.md", "report.png"]
+    assert json.loads(paths[0].read_text())["comparisons"]["good_boxes"]["verdict"] == "better"
+    rows = [line for line in paths[1].read_text().splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 4 and "(baseline)" in rows[1] and "| better |" in rows[2]
+
+
+def test_unpaired_seeds_are_refused(tmp_path: Path) -> None:
+    gt = ground_truth()
+    coco = coco_of(gt)
+    runs = [RunResult("a", 0, tmp_path, {}, tmp_path), RunResult("b", 1, tmp_path, {}, tmp_path)]
+    with pytest.raises(ValueError, match="pairs runs by seed"):
+        build_report(runs, coco, coco.getImgIds())
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--configs", "missing.yaml"], "config file not found"),
+    (["--set", "train.epoch=2"], "unknown key 'train.epoch'. Did you mean 'epochs'?"),
+    (["--set", "model.head.num_classes=0"], "model.head.num_classes must be an integer >= 1"),
+    (["--seeds", "0"], "--seeds must be a positive number"),
+    (["--shard", "3/2"], "--shard must be I/N with 0 <= I < N"),
+    (["--variants", "fp32 train.amp=null"], "expected \"NAME: key=value"),
+    (["--out", "FILE"], "is a file; give a folder"),
+    (["--set", "model.head.num_convs=2"], "holds a run made with other settings (model.head.num_convs"),
+])
+def test_bad_input_one_message_nothing_run_or_changed(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "out"
+    run_dir = out / "runs" / CONFIG.stem / "seed0"
+    run_dir.mkdir(parents=True)
+    sets = tiny_shapes(tmp_path / "data")
+    cfg = load_config(CONFIG, sets)
+    cfg["work_dir"] = str(run_dir)
+    dump_config(cfg, run_dir / "config.yaml")  # an earlier sweep's run, made with the tiny settings
+    (tmp_path / "FILE").write_text("keep")
+    before = {**_tree(out), **_tree(tmp_path / "FILE")}
+    args = [str(tmp_path / "FILE") if a == "FILE" else a for a in args]  # later options win in argparse
+    result = run_main("compare", "--configs", str(CONFIG), "--seeds", "1", "--out", str(out), "--set", *sets, *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.count("error:") == 1
+    assert {**_tree(out), **_tree(tmp_path / "FILE")} == before and not (out / "logs").exists()
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_reuses_finished_runs(tmp_path: Path) -> None:
+    """Two configs x 3 seeds on the tiny shapes settings: one run through the real ``python -m detkit train``
+    subprocess (``--shard 0/6``), the rest in this process (the same ``main(["train", ...])``), then the
+    report from the finished runs without training anything."""
+    out, sets = tmp_path / "cmp", tiny_shapes(tmp_path / "data")
+    argv = ["compare", "--configs", str(CONFIG), str(DIOU), "--seeds", "3", "--out", str(out), "--bootstrap", "100",
+            "--set", *sets]
+    first = run_main(*argv, "--shard", "0/6")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "1 of 6 runs finished; the report is written when all are" in first.stdout
+    assert (out / "runs" / CONFIG.stem / "seed0" / "model_final.pth").is_file()
+    assert compare(build_parser().parse_args(argv), launcher=lambda run_argv, env, log: main(run_argv)) == 0
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")}
+    again = run_main(*argv)
+    assert again.returncode == 0, again.stderr
+    assert "6 finished (reused), 0 to train" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")} == mtimes
+    md = (out / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == 2 and rows[0].startswith(f"| {CONFIG.stem} | 3 |") and rows[1].startswith(f"| {DIOU.stem} | 3 |")
+    report = json.loads((out / "report.json").read_text())
+    assert report["configs"][CONFIG.stem]["seeds"] == [0, 1, 2] and (out / "report.png").stat().st_size > 10_000
+    assert all(w is not None for c in report["configs"].values() for w in c["wall_s"])
+
+
+def test_sweep_one_run_per_device_in_parallel(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--devices 0,1``: at most one run per GPU at a time, CUDA_VISIBLE_DEVICES set, a failure reported with
+    the end of its output and the other runs still done."""
+    import threading
+    import time
+
+    from detkit.analysis.compare_sweep import Run, Sweep, recorded_wall
+
+    active, peak, seen, lock = set(), [0], [], threading.Lock()
+
+    def launcher(argv: list[str], env: dict[str, str], log: Path) -> int:
+        with lock:
+            assert env["CUDA_VISIBLE_DEVICES"] not in active
+            active.add(env["CUDA_VISIBLE_DEVICES"])
+            peak[0] = max(peak[0], len(active))
+            seen.append((argv[argv.index("--work-dir") + 1], argv[-1], env["CUDA_VISIBLE_DEVICES"]))
+        log.write_text("line 1\nout of memory\n")
+        time.sleep(0.05)
+        with lock:
+            active.discard(env["CUDA_VISIBLE_DEVICES"])
+        return 1 if argv[-1] == "train.seed=2" else 0
+
+    runs = [Run("a", "a.yaml", ("train.epochs=1",), seed, tmp_path / f"a{seed}") for seed in range(5)]
+    sweep = Sweep(runs, tmp_path / "logs", launcher, devices=["0", "1"])
+    assert sweep.run()
+    assert peak[0] == 2 and sorted(s[1] for s in seen) == [f"train.seed={k}" for k in range(5)]
+    assert [(r.seed, code) for r, code in sweep.failed] == [(2, 1)]
+    printed = capsys.readouterr().out
+    assert "a/seed2 FAILED (exit 1" in printed and "out of memory" in printed and "[4/5]" in printed
+    assert recorded_wall(tmp_path / "logs", runs[0]) > 0
