@@ -26,9 +26,11 @@ from typing import Any, Callable
 
 logger = logging.getLogger("detkit")
 
-#: A frame of these files in a thread's stack means it waits for the other ranks: a collective, or
-#: DDP's buffer broadcast (forward) and gradient all-reduce (inside backward).
-COLLECTIVE_FILES = ("torch/distributed/", "torch/nn/parallel/distributed.py", "torch/autograd/")
+#: A frame of these files in a thread's stack means it waits for the other ranks: a collective, DDP's
+#: buffer broadcast (forward) and gradient all-reduce (inside backward), or detkit's helpers, where a
+#: rank on NCCL (whose collectives return at once) blocks: ``any_rank`` reads its flag back to the host.
+COLLECTIVE_FILES = ("torch/distributed/", "torch/nn/parallel/distributed.py", "torch/autograd/",
+                    "detkit/distributed.py")
 #: The stall is declared at this fraction of ``train.ddp_timeout``, so that the stacks are written and
 #: every rank has left before the process group's own timeout raises inside the blocked collective.
 LIMIT_FRACTION = 0.8
