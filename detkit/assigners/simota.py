@@ -64,18 +64,16 @@ class SimOTAAssigner(DenseAssigner):
         valid = torch.zeros(batch, num_priors, dtype=torch.bool, device=boxes.device)
         for part in chunks:
             valid |= self._regions(priors, gt_boxes[:, part], gt_mask[:, part])[0].any(-1)
-        # BCE of every class as a negative and as a positive: a GT's class cost is the negatives' sum
-        # with its own class's term swapped (no (B, P, G, C) tensor).
-        as_negative = F.binary_cross_entropy(scores, torch.zeros_like(scores), reduction="none")
-        as_positive = F.binary_cross_entropy(scores, torch.ones_like(scores), reduction="none")
-        negative_sum = as_negative.sum(-1, keepdim=True)  # (B, P, 1)
+        # A GT's class cost is the BCE of every class as a negative with its own class's term swapped
+        # for the positive one: no (B, P, G, C) tensor.
+        negative_sum = F.binary_cross_entropy(scores, torch.zeros_like(scores), reduction="none").sum(-1, keepdim=True)
         count = torch.zeros(batch, num_priors, dtype=torch.int64, device=boxes.device)
         taken_by = torch.full_like(count, -1)
         min_cost = torch.full((batch, num_priors), torch.inf, device=boxes.device)
         argmin = torch.zeros_like(count)
         for part in chunks:
-            cost, iou = self._cost(priors, boxes, gt_boxes[:, part], gt_labels[:, part], gt_mask[:, part], valid,
-                                   as_negative, as_positive, negative_sum)
+            cost, iou = self._cost(priors, scores, boxes, gt_boxes[:, part], gt_labels[:, part], gt_mask[:, part],
+                                   valid, negative_sum)
             # k per GT from its largest IoUs over the valid priors (others count 0)
             top_iou = torch.where(valid.unsqueeze(-1), iou, 0.0).topk(min(self.candidate_topk, num_priors), dim=1)
             k = top_iou.values.sum(1).int().clamp(min=1)  # (B, g)
@@ -105,12 +103,13 @@ class SimOTAAssigner(DenseAssigner):
         real = gt_mask.unsqueeze(1)
         return (in_box | in_centre) & real, in_box & in_centre & real
 
-    def _cost(self, priors: Priors, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor,
-              valid: Tensor, as_negative: Tensor, as_positive: Tensor, negative_sum: Tensor) -> tuple[Tensor, Tensor]:
+    def _cost(self, priors: Priors, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
+              gt_mask: Tensor, valid: Tensor, negative_sum: Tensor) -> tuple[Tensor, Tensor]:
         """For a chunk of ``g`` GTs: the cost ``(B, P, g)`` (inf for invalid priors and padded GTs) and the IoUs."""
         iou = aligned_box_iou(boxes.unsqueeze(2), gt_boxes.unsqueeze(1))  # (B, P, g)
-        label = gt_labels.unsqueeze(1).expand(-1, boxes.shape[1], -1)
-        cls_cost = negative_sum - as_negative.gather(2, label) + as_positive.gather(2, label)
+        own = scores.gather(2, gt_labels.unsqueeze(1).expand(-1, boxes.shape[1], -1))  # each GT's class score
+        cls_cost = (negative_sum - F.binary_cross_entropy(own, torch.zeros_like(own), reduction="none")
+                    + F.binary_cross_entropy(own, torch.ones_like(own), reduction="none"))
         both = self._regions(priors, gt_boxes, gt_mask)[1]
         cost = cls_cost * self.cls_weight + -torch.log(iou + IOU_EPS) * self.iou_weight + (~both) * OUTSIDE_COST
         return torch.where(valid.unsqueeze(-1) & gt_mask.unsqueeze(1), cost, torch.inf), iou

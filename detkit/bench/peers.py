@@ -11,12 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision import ops
 
-from detkit.assigners import ATSSAssigner, CenterNetAssigner, FCOSAssigner
+from detkit.assigners import ATSSAssigner, CenterNetAssigner, FCOSAssigner, SimOTAAssigner, TaskAlignedAssigner
 from detkit.assigners.fcos import DEFAULT_RANGES
 from detkit.bench.common import STRIDES, num_points, random_boxes, time_pair
 from detkit.bench.references import (
     per_image_atss_assign,
     per_image_fcos_assign,
+    per_image_simota_assign,
+    per_image_task_aligned_assign,
     per_object_heatmap,
     seed_compute_cls_loss,
     seed_neg_loss,
@@ -104,7 +106,7 @@ def bench_losses(device: torch.device, size: int, batch: int, repeat: int, compi
 
 def bench_assigners(device: torch.device, sizes: Sequence[tuple[int, int]], batch: int, gts: int,
                     repeat: int) -> list[dict[str, Any]]:
-    """Batched FCOS / ATSS / CenterNet target generation vs per-image / per-object references."""
+    """Batched FCOS / ATSS / TaskAligned / SimOTA / CenterNet target generation vs per-image / per-object references."""
     rows = []
     for h, w in sizes:
         boxes, labels = random_boxes(batch, gts, h, w, device)
@@ -125,6 +127,7 @@ def bench_assigners(device: torch.device, sizes: Sequence[tuple[int, int]], batc
         t = time_pair({"ours": ours, "ref": ref}, device, repeat)
         rows.append({"assigner": "ATSS", "size": f"{h}x{w}", "detkit": t["ours"], "reference": t["ref"],
                      "reference_kind": "loop over images", "speedup": t["ref"] / t["ours"]})
+        rows += bench_dynamic_assigners(device, priors, boxes, labels, mask, f"{h}x{w}", repeat)
         center = CenterNetAssigner(stride=4)
         hw = (math.ceil(h / 4), math.ceil(w / 4))
         ours = lambda: center(boxes, labels, mask, 80, hw)  # noqa: E731
@@ -133,6 +136,33 @@ def bench_assigners(device: torch.device, sizes: Sequence[tuple[int, int]], batc
         t = time_pair({"ours": ours, "ref": ref}, device, max(2, repeat // 2))
         rows.append({"assigner": "CenterNet", "size": f"{h}x{w}", "detkit": t["ours"], "reference": t["ref"],
                      "reference_kind": "loop over objects", "speedup": t["ref"] / t["ours"]})
+    return rows
+
+
+def bench_dynamic_assigners(device: torch.device, priors: Any, boxes: Tensor, labels: Tensor, mask: Tensor, size: str,
+                            repeat: int) -> list[dict[str, Any]]:
+    """TaskAligned / SimOTA on random predictions (80 class scores, boxes of up to 4 strides around each
+    point) vs mmdetection's per-image algorithm (``detkit.bench.references``), checked equal first."""
+    g = torch.Generator().manual_seed(3)
+    batch, num_priors = boxes.shape[0], len(priors.points)
+    scores = torch.rand(batch, num_priors, 80, generator=g).to(device)
+    ltrb = (torch.rand(batch, num_priors, 4, generator=g).to(device) * priors.strides[:, None] * 4)
+    preds = {"scores": scores, "boxes": torch.cat([priors.points - ltrb[..., :2], priors.points + ltrb[..., 2:]], -1)}
+    rows = []
+    tal = TaskAlignedAssigner(STRIDES, initial_epochs=0)
+    simota = SimOTAAssigner(STRIDES)
+    pairs = {
+        "TaskAligned": (lambda: tal(priors, boxes, labels, mask, 80, preds),
+                        lambda: per_image_task_aligned_assign(priors, scores, preds["boxes"], boxes, labels, mask,
+                                                              tal.topk, tal.alpha, tal.beta, 80)),
+        "SimOTA": (lambda: simota(priors, boxes, labels, mask, 80, preds),
+                   lambda: per_image_simota_assign(priors, scores, preds["boxes"], boxes, labels, mask, 80)),
+    }
+    for name, (ours, ref) in pairs.items():
+        assert torch.equal(ref()[0], ours().labels), f"{name} assigner disagrees with the reference"
+        t = time_pair({"ours": ours, "ref": ref}, device, max(2, repeat // 2))
+        rows.append({"assigner": name, "size": size, "detkit": t["ours"], "reference": t["ref"],
+                     "reference_kind": "loop over images (and GTs)", "speedup": t["ref"] / t["ours"]})
     return rows
 
 

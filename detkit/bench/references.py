@@ -119,22 +119,23 @@ def per_image_task_aligned_assign(priors: Priors, scores: Tensor, pred_boxes: Te
     num_priors = len(priors.points)
     for img_scores, img_pred, img_boxes, img_labels, img_mask in zip(scores, pred_boxes, boxes, labels, mask):
         gt, lab = img_boxes[img_mask], img_labels[img_mask]
-        target_labels = torch.full((num_priors,), num_classes)
-        target_boxes, target_scores = torch.zeros(num_priors, 4), torch.zeros(num_priors)
+        target_labels = torch.full((num_priors,), num_classes, device=gt.device)
+        target_boxes = torch.zeros(num_priors, 4, device=gt.device)
+        target_scores = torch.zeros(num_priors, device=gt.device)
         if len(gt):
             overlaps = box_iou(img_pred, gt)  # (P, g)
             metric = img_scores[:, lab] ** alpha * overlaps ** beta
             k = min(topk, num_priors)
             cand = torch.stack([torch.sort(metric[:, j], descending=True, stable=True).indices[:k]
                                 for j in range(len(gt))], 1)  # (k, g)
-            cols = torch.arange(len(gt)).expand_as(cand)
+            cols = torch.arange(len(gt), device=gt.device).expand_as(cand)
             keep = (metric[cand, cols] > 0) & (bbox2distance(priors.points[cand], gt[None]).amin(-1) > 0.01)
             overlaps_inf = torch.full_like(overlaps, -math.inf)
             overlaps_inf[cand[keep], cols[keep]] = overlaps[cand[keep], cols[keep]]
             best, index = overlaps_inf.max(1)  # highest IoU, first GT
             pos = best > -math.inf
             target_labels[pos], target_boxes[pos] = lab[index[pos]], gt[index[pos]]
-            assigned_metric = metric[torch.arange(num_priors), index]
+            assigned_metric = metric[torch.arange(num_priors, device=gt.device), index]
             for j in index[pos].unique():
                 sel = pos & (index == j)
                 target_scores[sel] = assigned_metric[sel] / (assigned_metric[sel].max() + 1e-7) * best[sel].max()
@@ -155,7 +156,8 @@ def per_image_simota_assign(priors: Priors, scores: Tensor, pred_boxes: Tensor, 
     x, y, stride = priors.points[:, :1], priors.points[:, 1:], priors.strides[:, None]
     for img_scores, img_pred, img_boxes, img_labels, img_mask in zip(scores, pred_boxes, boxes, labels, mask):
         gt, lab = img_boxes[img_mask], img_labels[img_mask]
-        target_labels, target_boxes = torch.full((num_priors,), num_classes), torch.zeros(num_priors, 4)
+        target_labels = torch.full((num_priors,), num_classes, device=gt.device)
+        target_boxes = torch.zeros(num_priors, 4, device=gt.device)
         in_gts = torch.stack([x - gt[:, 0], y - gt[:, 1], gt[:, 2] - x, gt[:, 3] - y], 1).min(1).values > 0
         cx, cy = (gt[:, 0] + gt[:, 2]) / 2.0, (gt[:, 1] + gt[:, 3]) / 2.0
         r = center_radius * stride
