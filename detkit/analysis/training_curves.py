@@ -4,7 +4,6 @@ or several runs overlaid key by key."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Sequence
 
 from detkit.analysis import AnalysisError
 from detkit.analysis.plotting import COLOURS, margins, new_figure, save_figure
-from detkit.engine.writers import TRAIN_META, scalars
+from detkit.engine.writers import TRAIN_META, read_jsonl, scalars
 from detkit.registry import suggestion
 
 #: Eval metrics drawn by default after the loss terms, total and lr.
@@ -43,13 +42,11 @@ def read_metrics(run_dir: str | Path) -> RunMetrics:
                             f"train.writers?)")
     series: dict[str, dict[str, list[tuple[int, float]]]] = {"train": {}, "eval": {}}
     terms: list[str] = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AnalysisError(f"{path}:{n}: not a JSON object ({err.msg})") from None
+    try:
+        records = read_jsonl(path)
+    except ValueError as err:
+        raise AnalysisError(str(err)) from None
+    for record in records:
         kind = record.pop("type", None)
         if kind not in series or not isinstance(record.get("iter"), int):
             continue

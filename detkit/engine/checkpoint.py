@@ -8,11 +8,14 @@ import pickle
 import re
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
+
+from detkit.registry import ConfigError
 
 logger = logging.getLogger("detkit")
 
@@ -34,8 +37,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_error(path: Path, err: OSError) -> CheckpointError:
-    meaning = os.strerror(err.errno) if err.errno else str(err)
+def _write_error(path: Path, err: Exception) -> CheckpointError:
+    """The error of a failed write naming ``path`` and the OS reason: torch's zip writer turns the
+    ``OSError`` of its file (disk full, EFBIG) into ``RuntimeError: [enforce fail at inline_container.cc]
+    unexpected pos``, keeping the ``OSError`` as ``__context__``, where the reason is found."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__context__
+    if isinstance(cause, OSError):
+        meaning = os.strerror(cause.errno) if cause.errno else str(cause)
+    else:
+        meaning = str(err)
     return CheckpointError(f"cannot write {path}: {meaning} (the previous {path.name}, if any, is intact)")
 
 
@@ -60,7 +72,7 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch's writer failing on an OSError
         Path(tmp).unlink(missing_ok=True)
         raise _write_error(path, err) from None
     except BaseException:
@@ -98,6 +110,18 @@ def remove_stale_temp_files(work_dir: str | os.PathLike) -> list[Path]:
     return stale
 
 
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip holding ``<name>/code/`` and ``constants.pkl``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
                     ) -> dict[str, Any]:
     """Read a checkpoint with ``torch.load(weights_only=True)``: tensors and plain Python types only.
@@ -108,6 +132,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if is_torchscript(path):
+        raise CheckpointError(f"{path} is a TorchScript module (as `detkit export --format torchscript` writes), "
+                              f"not a detkit checkpoint: give the checkpoint it was exported from (best.pth, "
+                              f"model_final.pth or latest.pth of its training run), or run the module itself "
+                              f"with torch.jit.load")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
@@ -125,6 +154,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"{path} is not a detkit checkpoint (expected a dict with 'model', got "
                               f"{type(state).__name__}{' with keys ' + str(sorted(state)) if isinstance(state, dict) else ''})")
     return state
+
+
+def check_resumable(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """A :class:`~detkit.registry.ConfigError` saying what to do when ``state`` (read from ``path``) is
+    not a training state that ``--resume`` can continue (inference or bare weights)."""
+    if state.get("inference_only"):
+        held = "inference weights only (no optimizer or counters)"
+    elif not all(key in state for key in ("epoch", "iter")):
+        held = f"weights only (keys {sorted(state)}; no epoch, iteration or optimizer)"
+    else:
+        return
+    raise ConfigError(f"--resume {path}: this checkpoint holds {held}; resume from latest.pth or epoch_N.pth, or "
+                      f"start a new run from it with --load-from {path}")
 
 
 def epoch_checkpoints(work_dir: Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Clean stops on SIGINT / SIGTERM: finish the step, save, exit 130 / 143; a second signal exits at once."""
+"""Clean stops on SIGINT / SIGTERM: stop at the next safe point (after a step, between evaluation batches),
+save, exit 130 / 143; a second signal exits at once."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ class InterruptWatch:
             sys.stderr.flush()
             os._exit(128 + signum)
         self.signum = signum
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step, then saving latest.pth "
-                         "(send it again to exit at once)\n")
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step or evaluation batch, then "
+                         "saving latest.pth (send it again to exit at once)\n")
         sys.stderr.flush()
 
     def __enter__(self) -> "InterruptWatch":

@@ -7,6 +7,7 @@ import logging
 import os
 import shlex
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +17,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detkit.config import dump_config
-from detkit.data import build_dataloader
+from detkit.data import build_dataloader, build_dataset
 from detkit.data.loader import data_settings
 from detkit.distributed import any_rank, get_rank, get_world_size, is_distributed
 from detkit.engine.checkpoint import (
     check_model_weights,
+    check_resumable,
     find_resume_checkpoint,
     load_checkpoint,
     load_model_weights,
     remove_stale_temp_files,
 )
 from detkit.engine.compiled_step import CompiledLoss
-from detkit.engine.evaluator import EvalSettings, eval_classes, evaluate_model
+from detkit.engine.evaluator import EvalSettings, evaluate_model
 from detkit.engine.hooks import CloseMosaic, TermGradNormHook, build_hooks
 from detkit.engine.hooks.close_mosaic import mixing_steps
 from detkit.engine.load_from import load_pretrained
@@ -44,21 +46,24 @@ from detkit.engine.writers import (
     build_writers,
     check_writer_specs,
 )
+from detkit.losses.weights import resolve_class_weights
 from detkit.models import build_detector
 from detkit.registry import ConfigError
 
 logger = logging.getLogger("detkit")
 
 
-def init_distributed(device_arg: str) -> tuple[torch.device, int]:
-    """Join the ``torchrun`` process group when ``WORLD_SIZE > 1``; returns (device, local rank)."""
+def init_distributed(device_arg: str, timeout: float | None = None) -> tuple[torch.device, int]:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE > 1``, its collectives failing after ``timeout``
+    seconds (torch's default when None); returns (device, local rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_arg == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch.cuda.is_available() is False")
     use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
     if world > 1 and not is_distributed():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=None if timeout is None else timedelta(seconds=timeout))
         if not use_cuda:  # share the cores between the local processes
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
@@ -97,15 +102,26 @@ def resume_state(resume: str | None, work_dir: Path) -> tuple[Path, dict[str, An
         return None
     if resume == "auto":
         found = find_resume_checkpoint(work_dir) if work_dir.is_dir() else None
-        if found is None:
-            logger.info("auto-resume: no checkpoint in %s, starting from scratch", work_dir)
+        if found is not None:
+            check_resumable(found[1], found[0])
         return found
     state = load_checkpoint(resume)
-    if state.get("inference_only"):
-        raise ConfigError(f"--resume {resume}: this checkpoint holds inference weights only (no optimizer or "
-                          f"counters); resume from latest.pth or epoch_N.pth, or start a new run from it with "
-                          f"--load-from {resume}")
+    check_resumable(state, resume)
     return Path(resume), state
+
+
+def finished_run(found: tuple[Path, dict[str, Any]], epochs: int) -> bool:
+    """Whether the resumed checkpoint ends its run (``train.epochs`` reached, or an early stop); says so."""
+    path, state = found
+    if int(state["epoch"]) >= epochs:
+        logger.info("%s: this run already finished (epoch %d of train.epochs %d); nothing to train. To train "
+                    "longer: --resume --set train.epochs=N", path, state["epoch"], epochs)
+        return True
+    if state.get("stop_reason"):
+        logger.info("%s: this run already finished (%s); nothing to train. To go on from its weights: a new run "
+                    "with --load-from %s", path, state["stop_reason"], path)
+        return True
+    return False
 
 
 def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None, resume: str | None = None,
@@ -120,29 +136,24 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
             raise ConfigError(f"the config has no '{section}' section (a mapping); see configs/ for examples")
     settings = TrainSettings.from_config(cfg)
     data_settings(cfg["data"])
-    check_writer_specs(settings.writers)
+    check_writer_specs(settings.writers)  # the packages too: before --overwrite deletes anything
     optimizer_spec = check_optimizer_spec(cfg.get("optimizer") or {"type": "SGD", "lr": 0.01, "momentum": 0.9})
-    dev, local_rank = init_distributed(device or settings.device)
+    dev, local_rank = init_distributed(device or settings.device, settings.ddp_timeout)
     rank, world = get_rank(), get_world_size()
     setup_logging(None, rank)
     if settings.amp == "fp16" and dev.type != "cuda":
         raise ConfigError("train.amp: fp16 needs CUDA (GradScaler); use bf16 on CPU")
     found = resume_state(resume, work_dir)
     if not found:
-        check_new_run(work_dir, overwrite)
-    if found and int(found[1].get("epoch", 0)) >= settings.epochs:
-        logger.info("%s: this run already finished (epoch %d of train.epochs %d); nothing to train. To train "
-                    "longer: --resume --set train.epochs=N", found[0], found[1]["epoch"], settings.epochs)
-        return None
-    if found and found[1].get("stop_reason"):
-        logger.info("%s: this run already finished (%s); nothing to train. To go on from its weights: a new run "
-                    "with --load-from %s", found[0], found[1]["stop_reason"], found[0])
-        return None
+        check_new_run(work_dir, overwrite, resuming=bool(resume))
     seed_everything(settings.seed + rank)
+    # the training set before the model: class_weight: auto is computed from its boxes per class
+    train_set = build_dataset(cfg["data"]["train"], "data.train") if "train" in cfg["data"] else None
+    cfg["model"] = resolve_class_weights(cfg["model"], train_set)  # config.yaml and checkpoints keep the numbers
     model = build_detector(cfg["model"]).to(dev)
     if settings.sync_bn and is_distributed():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    loader = build_dataloader(cfg["data"], "train", seed=settings.seed, rank=rank, world_size=world)
+    loader = build_dataloader(cfg["data"], "train", seed=settings.seed, rank=rank, world_size=world, dataset=train_set)
     if len(loader) == 0:
         raise ConfigError(f"data.train: {len(loader.dataset)} images give no batch of {loader.batch_size} on "
                           f"{world} process(es)")
@@ -176,6 +187,8 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
         mixing_steps(loader.dataset)
     if settings.compile == "full":  # the neck's outputs are inside the compiled graph: no per-term gradients
         hooks = [h for h in hooks if not isinstance(h, TermGradNormHook)]
+    if found and finished_run(found, settings.epochs):  # said only once the whole config is known to be valid
+        return None
     # validated and built: from here on the work dir is written
     lock, refused = None, None
     if rank == 0:
@@ -241,7 +254,8 @@ def run_training(cfg: dict[str, Any], work_dir: Path, device: str | None = None,
              f"{s.get('wall_time', 0) / 60:.1f} min"]
     if "best" in s:
         b = s["best"]
-        lines.append(f"best {b['metric']} {b['value']:.4f} at epoch {b['epoch']} ({b['file']})")
+        lines.append(f"best {b['metric']} {b['value']:.4f} at epoch {b['epoch']} ({b['file']})" if b["value"] is not None
+                     else f"best {b['metric']}: no evaluation gave it a value (NaN), so no best.pth")
         last = s["last_eval"]
         lines.append("final: " + " ".join(f"{k} {last[k]:.4f}" for k in ("AP", "AP50", "AP75") if k in last))
     lines += [f"{name}: {path}" for name, path in s.get("files", {}).items()]
@@ -251,8 +265,7 @@ def run_training(cfg: dict[str, Any], work_dir: Path, device: str | None = None,
 
 def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, work_dir: Path, device: str | None = None
                         ) -> dict[str, Any]:
-    """Load ``checkpoint``'s evaluation weights into the config's model and evaluate on ``data.val``,
-    the model's labels matched to ``data.val``'s categories by the class names the checkpoint stores.
+    """Load ``checkpoint``'s evaluation weights into the config's model and evaluate on ``data.val``.
 
     Writes ``log.txt``, ``metrics.jsonl`` and ``results.json`` into ``work_dir``; no trainer involved.
     """
@@ -265,15 +278,11 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, work_dir: Path, de
     setup_logging(None, get_rank())
     state = load_checkpoint(checkpoint)
     model = build_detector(cfg["model"])
-    loader = build_dataloader(cfg["data"], "val", seed=settings.seed, rank=get_rank(), world_size=get_world_size())
-    classes = eval_classes(loader.dataset, state.get("classes"), getattr(model, "num_classes", None),
-                           f"the checkpoint {checkpoint}")
     load_model_weights(model, evaluation_weights(state), checkpoint)
+    loader = build_dataloader(cfg["data"], "val", seed=settings.seed, rank=get_rank(), world_size=get_world_size())
     setup_logging(work_dir, get_rank())
-    if classes.left_out:
-        logger.warning("%s", classes.left_out)
     ev = evaluate_model(model.to(dev), loader, dev, resolve_amp(settings.amp, dev),
-                        backend=EvalSettings.from_config(cfg).backend, classes=classes)
+                        backend=EvalSettings.from_config(cfg).backend)
     if get_rank() == 0:
         record = {"epoch": int(state.get("epoch", 0)), "iter": int(state.get("iter", 0)),
                   "checkpoint": str(checkpoint), "num_images": ev.num_images, **ev.metrics}

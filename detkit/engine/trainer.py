@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from detkit.distributed import (
 )
 from detkit.engine.hooks.base import Hook
 from detkit.engine.interrupt import InterruptWatch, TrainingInterrupted
+from detkit.engine.memory import batch_image_ids, name_out_of_memory
 from detkit.engine.rng import rng_state, seed_everything, set_rng_state
 from detkit.engine.settings import resolve_amp
 from detkit.engine.writers import WriterGroup
@@ -93,6 +95,7 @@ class Trainer:
         self.summary: dict[str, Any] = {}
         self.writers: WriterGroup = WriterGroup([])  # the runner sets the run's writers (rank 0)
         self.lock: Any = None  # the runner's work-dir lock (rank 0)
+        self.watch: InterruptWatch | None = None  # SIGINT / SIGTERM while training
         self._state = state
 
     @property
@@ -116,7 +119,7 @@ class Trainer:
             self.load_state_dict(self._state)
             self._state = None
         try:
-            with InterruptWatch() as watch:
+            with InterruptWatch() as self.watch:
                 try:
                     while self.epoch < self.max_epochs and self.stop_reason is None:
                         self.call("before_epoch")
@@ -125,20 +128,39 @@ class Trainer:
                             self.run_step(batches)
                             self.inner += 1
                             self.call("after_step")
-                            if watch.check():
-                                raise TrainingInterrupted(watch.signum)
-                        self.epoch, self.inner = self.epoch + 1, 0
-                        self.call("after_epoch")
+                            self.stop_if_interrupted()
+                        self.end_epoch()
                 except TrainingInterrupted as stop:
                     self.stop_reason = stop.reason
                     self.summary["interrupted"] = stop
                     self.call("after_train")  # saves; still watched: a second signal exits at once
                     raise
-            self.summary["wall_time"] = time.time() - start
-            self.call("after_train")
+                self.summary["wall_time"] = time.time() - start
+                self.call("after_train")
+                if self.watch.check():  # after the last safe point: the run is complete; still exit as stopped
+                    stop = TrainingInterrupted(self.watch.signum)
+                    logger.info("%s arrived as the run ended: it is complete, its files are written", stop.reason)
+                    raise stop
         finally:
+            self.watch = None
             if self.lock is not None:  # the work dir is free for the next run
                 self.lock.release()
+
+    def stop_if_interrupted(self) -> None:
+        """At a safe point (after a step, between evaluation batches): raise :class:`TrainingInterrupted`
+        once SIGINT / SIGTERM arrived on any rank."""
+        if self.watch is not None and self.watch.check():
+            raise TrainingInterrupted(self.watch.signum)
+
+    def end_epoch(self) -> None:
+        """Count the epoch, run ``after_epoch``. Interrupted there (in the evaluation), the counters go back
+        to "all steps done, epoch not ended": ``latest.pth`` resumes with this epoch's evaluation and save."""
+        self.epoch, self.inner = self.epoch + 1, 0
+        try:
+            self.call("after_epoch")
+        except TrainingInterrupted:
+            self.epoch, self.inner = self.epoch - 1, self.steps_per_epoch
+            raise
 
     def epoch_batches(self) -> Iterator[list[dict[str, Any]]]:
         """This epoch's batches in groups of ``accumulate``, from step ``inner`` on (mid-epoch resume)."""
@@ -146,7 +168,12 @@ class Trainer:
         # worker seeds follow (seed, epoch, rank); sample transforms are seeded per sample by the sampler
         self.loader.generator.manual_seed((self.seed * 1_000_003 + self.epoch) * 1024 + self.rank)
         group: list[dict[str, Any]] = []
-        for batch in self.loader:
+        batches = iter(self.loader)
+        for position in itertools.count():  # decoding and collating run in here (or in the loader's workers)
+            with name_out_of_memory(self.loader.dataset, "loading", lambda: batch_image_ids(self.loader, position)):
+                batch = next(batches, None)
+            if batch is None:
+                break
             group.append(batch)
             if len(group) == self.accumulate:
                 yield group
@@ -161,7 +188,8 @@ class Trainer:
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             no_sync = getattr(self.train_model, "no_sync", None)
-            with nullcontext() if last or no_sync is None else no_sync():
+            oom = name_out_of_memory(self.loader.dataset, "in the forward/backward pass on", lambda: batch["image_ids"])
+            with nullcontext() if last or no_sync is None else no_sync(), oom:
                 losses = self.forward(batch)
                 for hook in self.hooks:
                     losses = hook.after_forward(self, losses)

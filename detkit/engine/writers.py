@@ -57,8 +57,32 @@ def scalars(record: dict[str, Any]) -> Iterable[tuple[str, float]]:
             yield key, float(value)
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``. A last line that is not JSON (a killed run's half-written
+    record) is skipped with one warning naming the file and line; a bad line elsewhere is a
+    :class:`ValueError` naming them (the file was damaged otherwise: fix or remove that line)."""
+    lines = path.read_text().splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if any(rest.strip() for rest in lines[n:]):
+                raise ValueError(f"{path}:{n}: not a JSON object ({err.msg}); fix or remove that line") from None
+            logger.warning("%s:%d: skipping a truncated last line (a killed run's half-written record)", path, n)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 class Writer:
-    """Base class: ignore what you do not show."""
+    """Base class: ignore what you do not show. ``package``: the module the writer needs (imported when
+    the config is checked, before anything is written)."""
+
+    package: str | None = None
 
     def write(self, kind: str, step: int, record: dict[str, Any]) -> None:
         pass
@@ -98,9 +122,11 @@ class JsonlWriter(Writer):
     def __init__(self, work_dir: Path, resume_iter: int | None = None) -> None:
         self.path = Path(work_dir) / "metrics.jsonl"
         if resume_iter is not None and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            try:
+                kept = [r for r in read_jsonl(self.path) if r.get("iter", 0) <= resume_iter]
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, kind: str, step: int, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -129,9 +155,9 @@ class TensorboardWriter(Writer):
         self.writer.close()
 
 
-def optional_module(name: str, package: str, writer: str) -> Any:
+def optional_module(package: str, writer: str) -> Any:
     try:
-        return importlib.import_module(name)
+        return importlib.import_module(package)
     except ImportError:
         raise ConfigError(f"train.writers: {writer} needs the '{package}' package: pip install {package}") from None
 
@@ -140,9 +166,11 @@ def optional_module(name: str, package: str, writer: str) -> Any:
 class MLflowWriter(Writer):
     """MLflow run (``pip install mlflow``): every record's numbers as metrics per step."""
 
+    package = "mlflow"
+
     def __init__(self, work_dir: Path, experiment: str = "detkit", tracking_uri: str | None = None,
                  run_name: str | None = None) -> None:
-        self.mlflow = optional_module("mlflow", "mlflow", "MLflowWriter")
+        self.mlflow = optional_module(self.package, "MLflowWriter")
         if tracking_uri:
             self.mlflow.set_tracking_uri(tracking_uri)
         self.mlflow.set_experiment(experiment)
@@ -161,9 +189,11 @@ class MLflowWriter(Writer):
 class WandbWriter(Writer):
     """Weights & Biases run (``pip install wandb``); ``mode: offline`` works without an account."""
 
+    package = "wandb"
+
     def __init__(self, work_dir: Path, project: str = "detkit", name: str | None = None, mode: str | None = None
                  ) -> None:
-        self.wandb = optional_module("wandb", "wandb", "WandbWriter")
+        self.wandb = optional_module(self.package, "WandbWriter")
         self.run = self.wandb.init(project=project, name=name or Path(work_dir).name, dir=str(work_dir), mode=mode)
 
     def write(self, kind: str, step: int, record: dict[str, Any]) -> None:
@@ -194,13 +224,16 @@ class WriterGroup:
 
 
 def check_writer_specs(specs: Sequence[dict[str, Any]]) -> None:
-    """Every ``train.writers`` type is registered and its arguments fit (before anything is written)."""
+    """Every ``train.writers`` type is registered, its arguments fit and its package imports (before
+    anything is written)."""
     for i, spec in enumerate(specs):
         with build_path(f"train.writers.{i}"):
             cls = WRITERS.get(spec["type"])
             given = {k: v for k, v in spec.items() if k != "type"}
             given.update({k: None for k in ("work_dir", "resume_iter") if k in inspect.signature(cls).parameters})
             check_arguments(cls, spec["type"], given, config_path())
+            if getattr(cls, "package", None):
+                optional_module(cls.package, spec["type"])
 
 
 def build_writers(specs: Sequence[dict[str, Any]], work_dir: Path, resume_iter: int | None, enabled: bool
