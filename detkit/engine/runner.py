@@ -29,7 +29,7 @@ from detkit.engine.checkpoint import (
     remove_stale_temp_files,
 )
 from detkit.engine.compiled_step import CompiledLoss
-from detkit.engine.evaluator import EvalSettings, evaluate_model
+from detkit.engine.evaluator import EvalSettings, eval_classes, evaluate_model
 from detkit.engine.hooks import CloseMosaic, TermGradNormHook, build_hooks
 from detkit.engine.hooks.close_mosaic import mixing_steps
 from detkit.engine.load_from import load_pretrained
@@ -265,7 +265,8 @@ def run_training(cfg: dict[str, Any], work_dir: Path, device: str | None = None,
 
 def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, work_dir: Path, device: str | None = None
                         ) -> dict[str, Any]:
-    """Load ``checkpoint``'s evaluation weights into the config's model and evaluate on ``data.val``.
+    """Load ``checkpoint``'s evaluation weights into the config's model and evaluate on ``data.val``,
+    the model's labels matched to ``data.val``'s categories by the class names the checkpoint stores.
 
     Writes ``log.txt``, ``metrics.jsonl`` and ``results.json`` into ``work_dir``; no trainer involved.
     """
@@ -278,11 +279,15 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, work_dir: Path, de
     setup_logging(None, get_rank())
     state = load_checkpoint(checkpoint)
     model = build_detector(cfg["model"])
-    load_model_weights(model, evaluation_weights(state), checkpoint)
     loader = build_dataloader(cfg["data"], "val", seed=settings.seed, rank=get_rank(), world_size=get_world_size())
+    classes = eval_classes(loader.dataset, state.get("classes"), getattr(model, "num_classes", None),
+                           f"the checkpoint {checkpoint}")
+    load_model_weights(model, evaluation_weights(state), checkpoint)
     setup_logging(work_dir, get_rank())
+    if classes.left_out:
+        logger.warning("%s", classes.left_out)
     ev = evaluate_model(model.to(dev), loader, dev, resolve_amp(settings.amp, dev),
-                        backend=EvalSettings.from_config(cfg).backend)
+                        backend=EvalSettings.from_config(cfg).backend, classes=classes)
     if get_rank() == 0:
         record = {"epoch": int(state.get("epoch", 0)), "iter": int(state.get("iter", 0)),
                   "checkpoint": str(checkpoint), "num_images": ev.num_images, **ev.metrics}

@@ -8,7 +8,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from detkit.engine.checkpoint import inference_state, save_checkpoint
-from detkit.engine.evaluator import EvalSettings, Evaluation, evaluate_model
+from detkit.engine.evaluator import EvalClasses, EvalSettings, Evaluation, eval_classes, evaluate_model
 from detkit.engine.hooks.base import Hook
 from detkit.registry import HOOKS, ConfigError
 
@@ -72,15 +72,24 @@ class EvalHook(Hook):
         self.best: float | None = None
         self.best_epoch = 0
         self.settings = settings or EvalSettings()
+        self.classes: EvalClasses | None = None
         self.warned_nan = False
         self.pending: tuple[int, Evaluation] | None = None  # (epoch, evaluation) whose pictures are not drawn yet
+
+    def before_train(self, trainer: "Trainer") -> None:
+        """The model's labels (``data.train``'s classes) matched to ``data.val``'s categories by name,
+        refused before the first step when they cannot be."""
+        self.classes = eval_classes(self.loader.dataset, getattr(trainer.loader.dataset, "classes", None),
+                                    getattr(trainer.model, "num_classes", None), "data.train")
+        if self.classes.left_out:
+            logger.warning("%s", self.classes.left_out)
 
     def after_epoch(self, trainer: "Trainer") -> None:
         due = trainer.epoch % self.interval == 0 or trainer.epoch == trainer.max_epochs or trainer.stop_reason
         if not due:
             return
         ev = evaluate_model(trainer.eval_model(), WatchedLoader(self.loader, trainer), trainer.device, trainer.amp,
-                            self.vis_images, backend=self.settings.backend)
+                            self.vis_images, backend=self.settings.backend, classes=self.classes)
         metrics = ev.metrics
         if self.metric not in metrics:
             raise ConfigError(f"train.best_metric: '{self.metric}' is not an evaluation metric; "
@@ -119,7 +128,7 @@ class EvalHook(Hook):
     def _pictures(self, trainer: "Trainer", pictures: list, epoch: int) -> None:
         from detkit.visualize import draw_detections
 
-        classes = self.loader.dataset.classes
+        classes = getattr(trainer.loader.dataset, "classes", None) or []  # the model's labels are data.train's
         for k, (image, det) in enumerate(pictures):
             keep = det["scores"] >= self.settings.score_thr
             drawn = draw_detections(image, det["boxes"][keep], det["labels"][keep], classes, det["scores"][keep])
@@ -131,8 +140,9 @@ class EvalHook(Hook):
         from detkit.analysis.training_curves import write_results_png
 
         dataset, s = self.loader.dataset, self.settings
+        coco, classes = (self.classes.coco, self.classes.classes) if self.classes else (dataset.coco, dataset.classes)
         out = trainer.work_dir / f"eval_epoch_{epoch}"
-        write_eval_report(out, ev.coco_eval, dataset.coco, ev.results, dataset.classes, ev.image_ids, s.iou_thr,
+        write_eval_report(out, ev.coco_eval, coco, ev.results, classes, ev.image_ids, s.iou_thr,
                           s.score_thr, title=f"epoch {epoch}")
         written = [f"{out}/"]
         if (trainer.work_dir / "metrics.jsonl").is_file():
