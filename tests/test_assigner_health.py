@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from detkit.analysis.cli import analyze_main
-from detkit.assigners import ATSSAssigner, CenterNetAssigner, FCOSAssigner
+from detkit.assigners import ATSSAssigner, CenterNetAssigner, DenseAssigner, FCOSAssigner
 from detkit.assigners.health import HealthAccumulator, assigner_health, centernet_health
 from detkit.config import load_config
 from detkit.data.loader import build_dataloader
@@ -26,6 +26,7 @@ from detkit.engine.settings import TrainSettings
 from detkit.models import build_detector
 from detkit.models.fcos import default_ranges
 from detkit.ops.priors import dense_points
+from detkit.registry import ConfigError
 from tests.cli_runner import tiny_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +39,13 @@ BOXES = torch.tensor([[[6.0, 6.0, 8.0, 8.0], [10.0, 10.0, 40.0, 40.0], [10.0, 10
                        [0.0, 0.0, 60.0, 60.0]]])
 LABELS = torch.tensor([[0, 1, 1, 1]])
 MASK = torch.tensor([[True, True, True, False]])
+
+
+class NeedsPredictions(DenseAssigner):
+    """Refuses a call without predictions, as the dynamic assigners do."""
+
+    def __call__(self, priors, gt_boxes, gt_labels, gt_mask, num_classes, preds=None):  # noqa: ANN001
+        raise ConfigError("NeedsPredictions assigns from the predictions: pass preds")
 
 
 @contextmanager
@@ -124,6 +132,16 @@ def test_hook_is_built_in_with_diagnostics_and_writes_health_after_an_evaluation
     assert health["assigner"] == "ATSSAssigner" and health["images"] == 2 and health["gts"] > 0
     assert sum(health["positives_per_level"].values()) == health["positives"] > 0
     assert log.getvalue().startswith("assigner health: ")
+
+    own, model.head.assigner = model.head.assigner, NeedsPredictions(STRIDES)
+    trainer.epoch = trainer.summary["last_eval"]["epoch"] = 2
+    try:
+        with capture_log() as log:
+            hook.after_epoch(trainer)
+    finally:
+        model.head.assigner = own
+    assert "assigner health: not measured from now on (NeedsPredictions needs the model's predictions" in log.getvalue()
+    assert not (tmp_path / "work/eval_epoch_2").exists() and hook.probe is None
 
     out = tmp_path / "stats"
     args = ["dataset", "--config", str(ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"), "--out", str(out),

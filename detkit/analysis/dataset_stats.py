@@ -83,8 +83,8 @@ def config_health(cfg: Mapping[str, Any], split: str, dataset: Any, limit: int |
     if reason is not None:
         return reason
     loader = build_dataloader(cfg["data"], split, dataset=dataset)
-    probe = HealthProbe(model)
-    return loader_health(probe, loader, dataset.classes, limit, f"assigner health data.{split}").summary()
+    health = loader_health(HealthProbe(model), loader, dataset.classes, limit, f"assigner health data.{split}")
+    return health if isinstance(health, str) else health.summary()
 
 
 def plot_dataset_stats(stats: DatasetStats, path: str | Path, title: str = "",

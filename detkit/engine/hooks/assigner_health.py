@@ -19,7 +19,7 @@ from detkit.engine.hooks.base import Hook
 from detkit.engine.run_log import progress
 from detkit.models.dense_head import DenseHead
 from detkit.models.detector import pad_targets
-from detkit.registry import HOOKS
+from detkit.registry import HOOKS, ConfigError
 
 if TYPE_CHECKING:
     from detkit.engine.trainer import Trainer
@@ -52,8 +52,11 @@ class HealthProbe:
         self.model, self.head = model, cast(Any, model.head)
         self.dense = isinstance(self.head, DenseHead)
         self.strides = list(self.head.strides) if self.dense else [self.head.assigner.stride]
-        self.name = type(self.head.assigner).__name__
         self._sizes: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    @property
+    def name(self) -> str:
+        return type(self.head.assigner).__name__
 
     def map_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """``(H_l, W_l)`` of the head's output maps for a padded ``(height, width)`` input."""
@@ -78,16 +81,21 @@ class HealthProbe:
 
 
 def loader_health(probe: HealthProbe, loader: Any, classes: Sequence[str], limit: int | None = None,
-                  desc: str = "assigner health") -> HealthAccumulator:
+                  desc: str = "assigner health") -> HealthAccumulator | str:
     """The health over the batches of ``loader`` (collated as :func:`collate_detection` does), or its
-    first ``limit`` images."""
+    first ``limit`` images; or why it cannot be measured: an assigner that assigns from the model's
+    predictions refuses a call without them (:class:`ConfigError`), and the health passes none."""
     acc = HealthAccumulator(classes, probe.strides, probe.name)
     seen = 0
     for batch in progress(loader, len(loader), desc, get_rank() == 0):
         targets, ids = batch["targets"], batch["image_ids"]
         if limit is not None:
             targets, ids = targets[:limit - seen], ids[:limit - seen]
-        acc.add(probe(batch["images"].shape[-2:], targets), ids)
+        try:
+            stats = probe(batch["images"].shape[-2:], targets)
+        except ConfigError as err:
+            return f"{probe.name} needs the model's predictions: {err}"
+        acc.add(stats, ids)
         seen += len(ids)
         if limit is not None and seen >= limit:
             break
@@ -118,6 +126,10 @@ class AssignerHealthHook(Hook):
         if self.probe is None or not last or last["epoch"] != trainer.epoch:
             return
         acc = loader_health(self.probe, self.loader, self.loader.dataset.classes)
+        if isinstance(acc, str):  # every rank alike: the assigner's kind decides
+            logger.info("assigner health: not measured from now on (%s)", acc)
+            self.probe = None
+            return
         parts = all_gather_objects(acc)  # the val loader is sharded under DDP
         if not trainer.is_main:
             return
