@@ -201,6 +201,9 @@ def huge_image_data(tmp_path: Path) -> list[str]:
                             "iscrowd": 0} for i in range(3)],
            "categories": [{"id": 1, "name": "cell"}]}
     (tmp_path / "ann.json").write_text(json.dumps(ann))
+    small = {**ann, "images": [i for i in ann["images"] if i["width"] < 100],
+             "annotations": [a for a in ann["annotations"] if a["image_id"] != 2]}
+    (tmp_path / "small.json").write_text(json.dumps(small))  # a training set without the huge image
     spec = f"{{type: CocoDataset, ann_file: {tmp_path / 'ann.json'}, img_dir: {tmp_path / 'images'}, transforms: []}}"
     return [f"data.train={spec}", f"data.val={spec}", "data.batch_size=3", "data.group_by_aspect_ratio=false",
             "model.head.num_classes=1"]
@@ -245,3 +248,20 @@ def test_out_of_memory_while_loading_names_the_image(tmp_path, huge_image_data):
     with pytest.raises(DatasetError, match=r"out of memory loading a batch of data.train holding .*huge.jpg "
                                            r"\(6000x4000\), .*small_a.png \(64x48\)"):
         trainer.train()
+
+
+def test_out_of_memory_in_an_evaluation_names_the_val_image(tmp_path, huge_image_data, monkeypatch):
+    from detkit.models.detector import Detector
+
+    predict = Detector.predict
+
+    def allocating(self, images, image_sizes=None):
+        huge_allocation(images)
+        return predict(self, images, image_sizes)
+
+    monkeypatch.setattr(Detector, "predict", allocating)
+    small_train = huge_image_data[0].replace("ann.json", "small.json")
+    proc = train(tmp_path, tmp_path / "w", sets=(*huge_image_data, small_train, "data.batch_size=2",
+                                                 "data.val_batch_size=3"))
+    one_error(proc, 1, "out of memory evaluating a batch of data.val holding", "huge.jpg (6000x4000)",
+              "data.val.transforms", "data.val_batch_size")

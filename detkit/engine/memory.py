@@ -51,9 +51,11 @@ def batch_image_ids(loader: Any, position: int) -> list[int]:
 
 
 @contextmanager
-def name_out_of_memory(dataset: Any, stage: str, image_ids: Callable[[], list[int]]) -> Iterator[None]:
+def name_out_of_memory(dataset: Any, stage: str, image_ids: Callable[[], list[int]], split: str = "data.train"
+                       ) -> Iterator[None]:
     """An allocation failure inside becomes one :class:`DatasetError` naming ``stage``, the batch's image
-    files (``image_ids()``, called only then), the largest size and the fix (a Resize, a smaller batch)."""
+    files (``image_ids()``, called only then) of ``split``, the largest size and the fix (a Resize, a
+    smaller batch)."""
     try:
         yield
     except (MemoryError, RuntimeError) as err:
@@ -62,9 +64,10 @@ def name_out_of_memory(dataset: Any, stage: str, image_ids: Callable[[], list[in
         ids = image_ids()
         files, width, height = describe_images(dataset, ids) if ids else ("(images unknown)", 0, 0)
         largest = f"; the largest is {width}x{height} pixels" if width else ""
-        raise DatasetError(f"out of memory {stage} a batch of data.train holding {files}{largest}: add a Resize "
-                           f"first in data.train.transforms, e.g. [{{type: Resize, size: 800, max_size: 1333}}, "
-                           f"...], or lower data.batch_size ({allocator_line(err)})") from None
+        batch_size = "data.batch_size" if split == "data.train" else "data.val_batch_size"
+        raise DatasetError(f"out of memory {stage} a batch of {split} holding {files}{largest}: add a Resize "
+                           f"first in {split}.transforms, e.g. [{{type: Resize, size: 800, max_size: 1333}}, "
+                           f"...], or lower {batch_size} ({allocator_line(err)})") from None
 
 
 def allocator_line(err: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from detkit.engine.checkpoint import inference_state, save_checkpoint
 from detkit.engine.evaluator import EvalClasses, EvalSettings, Evaluation, eval_classes, evaluate_model
 from detkit.engine.hooks.base import Hook
+from detkit.engine.memory import batch_image_ids, name_out_of_memory
 from detkit.registry import HOOKS, ConfigError
 
 if TYPE_CHECKING:
@@ -39,18 +41,29 @@ def warn_if_undefined(hook: "EvalHook | EarlyStopHook", value: float | None, key
 
 class WatchedLoader:
     """``loader`` for an evaluation inside training: before each batch a Ctrl-C / SIGTERM stops the
-    run (``trainer.stop_if_interrupted``), so a signal does not wait for the whole evaluation."""
+    run (``trainer.stop_if_interrupted``), so a signal does not wait for the whole evaluation; and
+    :meth:`image_ids` says which images the batch being loaded or predicted holds (out of memory)."""
 
     def __init__(self, loader: Any, trainer: "Trainer") -> None:
         self.loader, self.trainer, self.dataset = loader, trainer, loader.dataset
+        self.position, self.current = 0, None
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Any:
-        for batch in self.loader:
+        batches = iter(self.loader)
+        for self.position in itertools.count():
+            self.current = None  # loading batch `position`
+            batch = next(batches, None)
+            if batch is None:
+                return
+            self.current = list(batch["image_ids"])
             self.trainer.stop_if_interrupted()
             yield batch
+
+    def image_ids(self) -> list[int]:
+        return self.current if self.current is not None else batch_image_ids(self.loader, self.position)
 
 
 @HOOKS.register()
@@ -88,8 +101,10 @@ class EvalHook(Hook):
         due = trainer.epoch % self.interval == 0 or trainer.epoch == trainer.max_epochs or trainer.stop_reason
         if not due:
             return
-        ev = evaluate_model(trainer.eval_model(), WatchedLoader(self.loader, trainer), trainer.device, trainer.amp,
-                            self.vis_images, backend=self.settings.backend, classes=self.classes)
+        watched = WatchedLoader(self.loader, trainer)
+        with name_out_of_memory(self.loader.dataset, "evaluating", watched.image_ids, split="data.val"):
+            ev = evaluate_model(trainer.eval_model(), watched, trainer.device, trainer.amp, self.vis_images,
+                                backend=self.settings.backend, classes=self.classes)
         metrics = ev.metrics
         if self.metric not in metrics:
             raise ConfigError(f"train.best_metric: '{self.metric}' is not an evaluation metric; "
