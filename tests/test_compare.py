@@ -242,3 +242,35 @@ def test_sweep_one_run_per_device_in_parallel(tmp_path: Path, capsys: pytest.Cap
     printed = capsys.readouterr().out
     assert "a/seed2 FAILED (exit 1" in printed and "out of memory" in printed and "[4/5]" in printed
     assert recorded_wall(tmp_path / "logs", runs[0]) > 0
+
+
+def test_run_continues_a_checkpoint_and_restarts_a_run_that_saved_none(tmp_path: Path) -> None:
+    from detkit.analysis.compare_sweep import Run
+
+    run = Run("a", "a.yaml", ("train.epochs=2",), 1, tmp_path / "seed1")
+    assert run.argv() == ["train", "--config", "a.yaml", "--work-dir", str(run.work_dir), "--set", "train.epochs=2",
+                          "train.seed=1"]
+    run.work_dir.mkdir()
+    (run.work_dir / "log.txt").write_text("killed before the first checkpoint")
+    assert "--overwrite" in run.argv() and "--resume" not in run.argv()
+    (run.work_dir / "epoch_1.pth").write_bytes(b"")
+    assert "--resume" in run.argv() and "--overwrite" not in run.argv()
+
+
+def test_finished_after_the_last_epoch_or_an_early_stop(tmp_path: Path) -> None:
+    import torch
+
+    from detkit.analysis.compare import finished
+    from detkit.analysis.compare_sweep import Run
+
+    run, cfg = Run("a", "a.yaml", (), 0, tmp_path), {"train": {"epochs": 4}}
+    assert not finished(run, cfg)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "bbox_epoch_2.json").write_text("[]")
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"type": "eval", "epoch": 2, "iter": 4, "AP": 0.1}) + "\n")
+    assert not finished(run, cfg)  # evaluated at epoch 2 of 4, no checkpoint: interrupted
+    torch.save({"model": {}, "epoch": 2, "stop_reason": None}, tmp_path / "latest.pth")
+    assert not finished(run, cfg)
+    torch.save({"model": {}, "epoch": 2, "stop_reason": "early stop after epoch 2"}, tmp_path / "latest.pth")
+    assert finished(run, cfg)
+    assert finished(run, {"train": {"epochs": 2}})

@@ -34,6 +34,7 @@ from detkit.analysis.compare_sweep import (
 from detkit.config import import_modules, load_config
 from detkit.data import build_dataset
 from detkit.data.loader import data_settings
+from detkit.engine.checkpoint import CheckpointError, load_checkpoint
 from detkit.engine.evaluator import EvalSettings
 from detkit.engine.optim import check_optimizer_spec
 from detkit.engine.settings import TrainSettings
@@ -179,9 +180,18 @@ def check_existing(run: Run, cfg: dict[str, Any]) -> None:
 
 
 def finished(run: Run, cfg: dict[str, Any]) -> bool:
-    """The run has evaluated after its last epoch (an early-stopped run is checked by a quick ``--resume``)."""
+    """The run has evaluated after its last epoch, or after the epoch its early stop ended it at (its
+    ``latest.pth`` says so; read memory-mapped, the weights stay on disk)."""
     record = last_evaluation(run.work_dir)
-    return record is not None and int(record.get("epoch", 0)) >= TrainSettings.from_config(cfg).epochs
+    if record is None:
+        return False
+    if int(record.get("epoch", 0)) >= TrainSettings.from_config(cfg).epochs:
+        return True
+    try:
+        state = load_checkpoint(run.work_dir / "latest.pth", mmap=True)
+    except CheckpointError:  # none yet, or unreadable: train --resume sorts it out
+        return False
+    return bool(state.get("stop_reason")) and int(state.get("epoch", -1)) == int(record.get("epoch", 0))
 
 
 def compare(args: argparse.Namespace, launcher: Launcher = subprocess_launcher) -> int:
@@ -204,7 +214,7 @@ def compare(args: argparse.Namespace, launcher: Launcher = subprocess_launcher) 
         print(f"error: {len(sweep.failed)} run(s) failed: {names}; their output is in {out / 'logs'}. The same "
               f"command retries them and reuses the finished runs", flush=True)
         return 1
-    pending = [r for r in runs if last_evaluation(r.work_dir) is None]
+    pending = [r for r in runs if not finished(r, cfgs[r.label])]  # other shards' runs may be running
     if pending:
         print(f"{len(runs) - len(pending)} of {len(runs)} runs finished; the report is written when all are "
               f"(after the other shards, or run the command without --shard)", flush=True)

@@ -120,7 +120,8 @@ def format_duration(seconds: float | None) -> str:
 def format_markdown(report: dict[str, Any]) -> str:
     """``report.md``: one table row per config, AP etc. in percent as mean ± std over seeds."""
     level = round(100 * report["level"])
-    lines = [f"# Comparison of {len(report['labels'])} configs", "",
+    count = len(report["labels"])
+    lines = [f"# Comparison of {count} config{'s' if count != 1 else ''}", "",
              (f"Val set: {report['num_images']} images. Interval: {level}% paired bootstrap over the val images "
               f"({report['resamples']} resamples, seed {report['bootstrap_seed']}; the same resamples for every run, "
               f"difference of the seed means of AP). See docs/compare.md."), "",

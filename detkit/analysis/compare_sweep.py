@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from detkit.analysis.compare_report import format_duration
+from detkit.engine.checkpoint import EPOCH_FILE
 
 #: ``launcher(argv, env, log_path) -> exit code`` runs ``python -m detkit <argv>`` with ``env`` added to the
 #: environment and its console output appended to ``log_path``.
@@ -36,8 +37,15 @@ class Run:
         return f"{self.label}/seed{self.seed}"
 
     def argv(self) -> list[str]:
-        """The ``train`` command line: ``--resume`` continues an interrupted run and starts a new one."""
-        return ["train", "--config", self.config, "--work-dir", str(self.work_dir), "--resume",
+        """The ``train`` command line: ``--resume`` where the work dir holds a training checkpoint (an
+        interrupted run continues), ``--overwrite`` where it holds only what a run wrote before its first
+        checkpoint (nothing to continue: it starts again), neither for a new run."""
+        names = [p.name for p in self.work_dir.iterdir()] if self.work_dir.is_dir() else []
+        if "latest.pth" in names or any(EPOCH_FILE.match(n) for n in names):
+            start = ["--resume"]
+        else:
+            start = ["--overwrite"] if names else []
+        return ["train", "--config", self.config, "--work-dir", str(self.work_dir), *start,
                 "--set", *self.overrides, f"train.seed={self.seed}"]
 
 
