@@ -187,29 +187,44 @@ def test_bad_input_one_message_nothing_run_or_changed(tmp_path: Path, args: list
 
 
 @pytest.mark.slow
-def test_compare_end_to_end_reuses_finished_runs(tmp_path: Path) -> None:
-    """Two configs x 3 seeds on the tiny shapes settings: one run through the real ``python -m detkit train``
-    subprocess (``--shard 0/6``), the rest in this process (the same ``main(["train", ...])``), then the
+def test_compare_end_to_end_reuses_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Two configs x 3 seeds on the tiny shapes settings, each run ``main(["train", ...])`` in this process
+    (the argv ``python -m detkit`` gets in a child): shard 0 of 2, then the rest, then through the CLI the
     report from the finished runs without training anything."""
     out, sets = tmp_path / "cmp", tiny_shapes(tmp_path / "data")
     argv = ["compare", "--configs", str(CONFIG), str(DIOU), "--seeds", "3", "--out", str(out), "--bootstrap", "100",
             "--set", *sets]
-    first = run_main(*argv, "--shard", "0/6")
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "1 of 6 runs finished; the report is written when all are" in first.stdout
-    assert (out / "runs" / CONFIG.stem / "seed0" / "model_final.pth").is_file()
-    assert compare(build_parser().parse_args(argv), launcher=lambda run_argv, env, log: main(run_argv)) == 0
+    in_process = lambda run_argv, env, log: main(run_argv)  # noqa: E731
+    assert compare(build_parser().parse_args([*argv, "--shard", "0/2"]), launcher=in_process) == 0
+    assert "3 of 6 runs finished; the report is written when all are" in capsys.readouterr().out
+    assert sorted(p.parent.name for p in out.rglob("model_final.pth")) == ["seed0", "seed1", "seed2"]
+    assert compare(build_parser().parse_args(argv), launcher=in_process) == 0
+    assert "3 finished (reused), 3 to train" in capsys.readouterr().out
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")}
     again = run_main(*argv)
     assert again.returncode == 0, again.stderr
     assert "6 finished (reused), 0 to train" in again.stdout
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")} == mtimes and len(mtimes) > 6
     md = (out / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 2 and rows[0].startswith(f"| {CONFIG.stem} | 3 |") and rows[1].startswith(f"| {DIOU.stem} | 3 |")
     report = json.loads((out / "report.json").read_text())
     assert report["configs"][CONFIG.stem]["seeds"] == [0, 1, 2] and (out / "report.png").stat().st_size > 10_000
     assert all(w is not None for c in report["configs"].values() for w in c["wall_s"])
+
+
+def test_subprocess_launcher_env_log_and_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The child gets the argv and the added environment, its output lands in the log, its exit code is returned."""
+    import sys
+
+    from detkit.analysis import compare_sweep
+
+    child = "import os, sys; print(sys.argv[1:], os.environ['CUDA_VISIBLE_DEVICES']); sys.exit(3)"
+    monkeypatch.setattr(compare_sweep, "DETKIT", [sys.executable, "-c", child])
+    log = tmp_path / "run.txt"
+    log.write_text("earlier launch\n")
+    assert compare_sweep.subprocess_launcher(["train", "--resume"], {"CUDA_VISIBLE_DEVICES": "1"}, log) == 3
+    assert log.read_text() == "earlier launch\n['train', '--resume'] 1\n"
 
 
 def test_sweep_one_run_per_device_in_parallel(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -20,6 +20,8 @@ from detkit.engine.checkpoint import EPOCH_FILE
 #: ``launcher(argv, env, log_path) -> exit code`` runs ``python -m detkit <argv>`` with ``env`` added to the
 #: environment and its console output appended to ``log_path``.
 Launcher = Callable[[list[str], dict[str, str], Path], int]
+#: How a run is started: the ``python -m detkit`` of this interpreter.
+DETKIT = [sys.executable, "-m", "detkit"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def subprocess_launcher(argv: list[str], env: dict[str, str], log_path: Path) ->
     """``python -m detkit <argv>`` as a child process. On Ctrl-C the child (same process group) gets the
     signal too: it saves ``latest.pth`` and exits, and we wait for it rather than kill it."""
     with open(log_path, "a") as log:
-        child = subprocess.Popen([sys.executable, "-m", "detkit", *argv], env={**os.environ, **env},
+        child = subprocess.Popen([*DETKIT, *argv], env={**os.environ, **env},
                                  stdout=log, stderr=subprocess.STDOUT)
         while True:
             try:
