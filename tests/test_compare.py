@@ -210,7 +210,7 @@ def test_compare_end_to_end_reuses_finished_runs(tmp_path: Path, capsys: pytest.
     assert len(rows) == 2 and rows[0].startswith(f"| {CONFIG.stem} | 3 |") and rows[1].startswith(f"| {DIOU.stem} | 3 |")
     report = json.loads((out / "report.json").read_text())
     assert report["configs"][CONFIG.stem]["seeds"] == [0, 1, 2] and (out / "report.png").stat().st_size > 10_000
-    assert all(w is not None for c in report["configs"].values() for w in c["wall_s"])
+    assert all(w is not None for c in report["configs"].values() for w in c["per_seed"]["wall_s"])
 
 
 def test_subprocess_launcher_env_log_and_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,3 +289,12 @@ def test_finished_after_the_last_epoch_or_an_early_stop(tmp_path: Path) -> None:
     torch.save({"model": {}, "epoch": 2, "stop_reason": "early stop after epoch 2"}, tmp_path / "latest.pth")
     assert finished(run, cfg)
     assert finished(run, {"train": {"epochs": 2}})
+
+
+def test_unreadable_results_file_is_one_message(tmp_path: Path) -> None:
+    gt = ground_truth()
+    coco = coco_of(gt)
+    run = read_run("a", 0, fake_run(tmp_path / "a", coco, detections(gt, 0.1, 2, seed=0)))
+    run.results_file.write_text('[{"image_id": 1, "bbo')  # killed while writing
+    with pytest.raises(ValueError, match=r"bbox_epoch_2.json: not a COCO results json .* delete .* run the command"):
+        build_report([run], coco, coco.getImgIds())

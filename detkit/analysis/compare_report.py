@@ -85,15 +85,20 @@ def build_report(runs: Sequence[RunResult], coco_gt: COCO, image_ids: Sequence[i
     counts = np.vstack([np.ones((1, len(ids)), dtype=np.int64), resample_counts(len(ids), resamples, seed)])
     ap = {}  # run -> (1 + resamples,) AP on the full val set, then on each resample
     for run in runs:
-        results = json.loads(run.results_file.read_text())
+        try:
+            results = json.loads(run.results_file.read_text())
+        except ValueError as err:  # a run killed while writing it
+            raise AnalysisError(f"{run.results_file}: not a COCO results json ({err}); to redo that run, delete "
+                                f"{run.work_dir} and run the command again") from None
         ap[run.work_dir] = resampled_ap(match_records(coco_gt, results, ids), counts)
     configs = {}
     for label, rs in by_label.items():
         summary = {key: _mean_std([r.metrics.get(key) for r in rs]) for key in SUMMARY_KEYS}
+        summary["wall_s"] = _mean_std([r.wall_s for r in rs])
         configs[label] = {"seeds": seeds[label], "work_dirs": [str(r.work_dir) for r in rs],
-                          "per_seed": {key: [r.metrics.get(key) for r in rs] for key in SUMMARY_KEYS},
+                          "per_seed": {**{key: [r.metrics.get(key) for r in rs] for key in SUMMARY_KEYS},
+                                       "wall_s": [r.wall_s for r in rs]},
                           "mean": {k: v[0] for k, v in summary.items()}, "std": {k: v[1] for k, v in summary.items()},
-                          "wall_s": [r.wall_s for r in rs], "wall_s_mean": _mean_std([r.wall_s for r in rs])[0],
                           "ap_recomputed": [float(ap[r.work_dir][0]) for r in rs]}
     base = [ap[r.work_dir] for r in by_label[labels[0]]]
     comparisons = {label: paired_difference(base, [ap[r.work_dir] for r in by_label[label]], level)
@@ -117,6 +122,10 @@ def format_duration(seconds: float | None) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+def _wall(mean: float, std: float) -> str:
+    return format_duration(mean) + ("" if math.isnan(std) else f" ± {format_duration(std)}")
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     """``report.md``: one table row per config, AP etc. in percent as mean ± std over seeds."""
     level = round(100 * report["level"])
@@ -132,7 +141,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         c = report["configs"][label]
         cells = [label, str(len(c["seeds"])), _pct(c["mean"]["AP"], c["std"]["AP"]),
                  " ".join("n/a" if v is None else f"{100 * v:.1f}" for v in c["per_seed"]["AP"]),
-                 *(_pct(c["mean"][k], c["std"][k]) for k in SUMMARY_KEYS[1:]), format_duration(c["wall_s_mean"])]
+                 *(_pct(c["mean"][k], c["std"][k]) for k in SUMMARY_KEYS[1:]), _wall(c["mean"]["wall_s"], c["std"]["wall_s"])]
         if label == report["baseline"]:
             cells += ["(baseline)", ""]
         else:
