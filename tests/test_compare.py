@@ -167,6 +167,8 @@ def _tree(folder: Path) -> dict[str, bytes]:
     (["--variants", "fp32 train.amp=null"], "expected \"NAME: key=value"),
     (["--out", "FILE"], "is a file; give a folder"),
     (["--set", "model.head.num_convs=2"], "holds a run made with other settings (model.head.num_convs"),
+    (["--variants", "two: data.val.num_images=2", "three: data.val.num_images=3"],
+     "fcos_r18_fpn_shapes-three evaluates on other val images or annotations than fcos_r18_fpn_shapes-two"),
 ])
 def test_bad_input_one_message_nothing_run_or_changed(tmp_path: Path, args: list[str], message: str) -> None:
     out = tmp_path / "out"
@@ -194,7 +196,10 @@ def test_compare_end_to_end_reuses_finished_runs(tmp_path: Path, capsys: pytest.
     out, sets = tmp_path / "cmp", tiny_shapes(tmp_path / "data")
     argv = ["compare", "--configs", str(CONFIG), str(DIOU), "--seeds", "3", "--out", str(out), "--bootstrap", "100",
             "--set", *sets]
-    in_process = lambda run_argv, env, log: main(run_argv)  # noqa: E731
+
+    def in_process(run_argv: list[str], env: dict[str, str], log: Path) -> int:
+        return main(run_argv)
+
     assert compare(build_parser().parse_args([*argv, "--shard", "0/2"]), launcher=in_process) == 0
     assert "3 of 6 runs finished; the report is written when all are" in capsys.readouterr().out
     assert sorted(p.parent.name for p in out.rglob("model_final.pth")) == ["seed0", "seed1", "seed2"]
@@ -207,7 +212,8 @@ def test_compare_end_to_end_reuses_finished_runs(tmp_path: Path, capsys: pytest.
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")} == mtimes and len(mtimes) > 6
     md = (out / "report.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 2 and rows[0].startswith(f"| {CONFIG.stem} | 3 |") and rows[1].startswith(f"| {DIOU.stem} | 3 |")
+    assert len(rows) == 2
+    assert rows[0].startswith(f"| {CONFIG.stem} | 3 |") and rows[1].startswith(f"| {DIOU.stem} | 3 |")
     report = json.loads((out / "report.json").read_text())
     assert report["configs"][CONFIG.stem]["seeds"] == [0, 1, 2] and (out / "report.png").stat().st_size > 10_000
     assert all(w is not None for c in report["configs"].values() for w in c["per_seed"]["wall_s"])

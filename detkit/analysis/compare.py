@@ -135,7 +135,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Run], dict[str, dict[str, Any]]
     variants = parse_variants(args.variants)
     labels: dict[str, dict[str, Any]] = {}
     runs: list[Run] = []
-    fingerprints: dict[str, str] = {}
+    reference: tuple[str, str] | None = None  # the first config's val fingerprint and label
     dataset = None
     for config in args.configs:
         for variant, extra in variants:
@@ -152,11 +152,12 @@ def plan(args: argparse.Namespace) -> tuple[list[Run], dict[str, dict[str, Any]]
             labels[label] = cfg
             fingerprint, found = val_fingerprint(cfg)
             dataset = dataset or found
-            fingerprints.setdefault(fingerprint, label)
-            if len(fingerprints) > 1:
-                raise ConfigError(f"{label} evaluates on other val images or annotations than {next(iter(fingerprints.values()))}; "
-                                  f"a paired comparison needs the same val set (data.val)")
-            runs += [Run(label, config, overrides, seed, out / "runs" / label / f"seed{seed}") for seed in range(args.seeds)]
+            reference = reference or (fingerprint, label)
+            if fingerprint != reference[0]:
+                raise ConfigError(f"{label} evaluates on other val images or annotations than {reference[1]}; a "
+                                  f"paired comparison needs the same val set (data.val)")
+            runs += [Run(label, config, overrides, seed, out / "runs" / label / f"seed{seed}")
+                     for seed in range(args.seeds)]
     for run in runs:
         check_existing(run, labels[run.label])
     return sorted(runs, key=lambda r: (r.label, r.seed)), labels, dataset
@@ -202,7 +203,8 @@ def compare(args: argparse.Namespace, launcher: Launcher = subprocess_launcher) 
     out = Path(args.out)
     mine = runs[first::count]
     todo = [r for r in mine if not finished(r, cfgs[r.label])]
-    print(f"compare: {len(runs)} runs ({len(cfgs)} configs x {args.seeds} seeds)"
+    what = "configs x variants" if args.variants else "configs"
+    print(f"compare: {len(runs)} runs ({len(cfgs)} {what} x {args.seeds} seed{'s' if args.seeds > 1 else ''})"
           f"{f', shard {first}/{count}: {len(mine)} of them' if count > 1 else ''}; {len(mine) - len(todo)} finished "
           f"(reused), {len(todo)} to train; logs in {out / 'logs'}", flush=True)
     sweep = Sweep(todo, out / "logs", launcher, devices, total=len(mine), done=len(mine) - len(todo))

@@ -141,7 +141,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         c = report["configs"][label]
         cells = [label, str(len(c["seeds"])), _pct(c["mean"]["AP"], c["std"]["AP"]),
                  " ".join("n/a" if v is None else f"{100 * v:.1f}" for v in c["per_seed"]["AP"]),
-                 *(_pct(c["mean"][k], c["std"][k]) for k in SUMMARY_KEYS[1:]), _wall(c["mean"]["wall_s"], c["std"]["wall_s"])]
+                 *(_pct(c["mean"][k], c["std"][k]) for k in SUMMARY_KEYS[1:]),
+                 _wall(c["mean"]["wall_s"], c["std"]["wall_s"])]
         if label == report["baseline"]:
             cells += ["(baseline)", ""]
         else:

@@ -20,6 +20,8 @@ from detkit.engine.checkpoint import EPOCH_FILE
 #: ``launcher(argv, env, log_path) -> exit code`` runs ``python -m detkit <argv>`` with ``env`` added to the
 #: environment and its console output appended to ``log_path``.
 Launcher = Callable[[list[str], dict[str, str], Path], int]
+#: Exit codes of a run stopped by Ctrl-C (SIGINT) or SIGTERM after saving ``latest.pth``.
+INTERRUPTED = (130, 143)
 #: How a run is started: the ``python -m detkit`` of this interpreter.
 DETKIT = [sys.executable, "-m", "detkit"]
 
@@ -100,11 +102,14 @@ class Sweep:
             self.walls.append(wall)
             left = self.total - self.done
             slots = max(1, len(self.devices))
-            eta = f"; ETA {format_duration(sum(self.walls) / len(self.walls) * left / slots)}" if left else ""
-            status = "finished" if code == 0 else f"FAILED (exit {code}; output: {log})"
+            stopped = code in INTERRUPTED
+            eta = sum(self.walls) / len(self.walls) * left / slots
+            eta_text = f"; ETA {format_duration(eta)}" if left and not stopped else ""
+            status = ("finished" if code == 0 else "interrupted (latest.pth saved)" if stopped
+                      else f"FAILED (exit {code}; output: {log})")
             print(f"[{self.done}/{self.total}] {run.name} {status} in {format_duration(wall)}"
-                  f"{'' if device is None else f' on GPU {device}'}{eta}", flush=True)
-            if code != 0:
+                  f"{'' if device is None else f' on GPU {device}'}{eta_text}", flush=True)
+            if code != 0 and not stopped:
                 self.failed.append((run, code))
                 tail = log.read_text(errors="replace").splitlines()[-8:] if log.is_file() else []
                 print("\n".join(f"    {line}" for line in tail), flush=True)
@@ -115,7 +120,7 @@ class Sweep:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         if not self.devices:
             for run in self.runs:
-                if self._launch(run, None) in (130, 143):
+                if self._launch(run, None) in INTERRUPTED:
                     return False
             return True
         return self._parallel()
@@ -138,5 +143,5 @@ class Sweep:
                     continue
                 for future in finished:
                     free.append(running.pop(future))
-                    stopped |= future.result() in (130, 143)
+                    stopped |= future.result() in INTERRUPTED
         return not stopped
