@@ -208,7 +208,11 @@ def compare(args: argparse.Namespace, launcher: Launcher = subprocess_launcher) 
           f"{f', shard {first}/{count}: {len(mine)} of them' if count > 1 else ''}; {len(mine) - len(todo)} finished "
           f"(reused), {len(todo)} to train; logs in {out / 'logs'}", flush=True)
     sweep = Sweep(todo, out / "logs", launcher, devices, total=len(mine), done=len(mine) - len(todo))
-    if not sweep.run():
+    try:
+        completed = sweep.run()
+    except KeyboardInterrupt:  # between runs (a running child is waited for in the launcher)
+        completed = False
+    if not completed:
         print("interrupted: the runs saved their latest.pth; the same command continues the sweep", flush=True)
         return 130
     if sweep.failed:
