@@ -188,7 +188,8 @@ class Trainer:
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             no_sync = getattr(self.train_model, "no_sync", None)
-            oom = name_out_of_memory(self.loader.dataset, "in the forward/backward pass on", lambda: batch["image_ids"])
+            oom = name_out_of_memory(getattr(self.loader, "dataset", None), "in the forward/backward pass on",
+                                     lambda: list(batch.get("image_ids", [])))  # the benchmark steps a plain list
             with nullcontext() if last or no_sync is None else no_sync(), oom:
                 losses = self.forward(batch)
                 for hook in self.hooks:
