@@ -62,7 +62,7 @@ def test_unknown_argument_names_argument_type_and_accepted_parameters():
     msg = str(info.value)
     assert "FocalLoss got an unknown argument 'gama'" in msg
     assert "Did you mean 'gamma'" in msg
-    assert "gamma=2.0, alpha=0.25, reduction='mean', loss_weight=1.0" in msg
+    assert "gamma=2.0, alpha=0.25, class_weight=None, reduction='mean', loss_weight=1.0" in msg
 
 
 def test_missing_argument_names_it():

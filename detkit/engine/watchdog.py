@@ -179,7 +179,9 @@ class StallWatchdog:
                 time.sleep(self.interval / 4)
         except RuntimeError:  # the store went away with another rank: nobody left to wait for
             pass
-        for handler in logger.handlers:
-            handler.flush()
-        sys.stderr.flush()
+        for stream in [*logger.handlers, sys.stderr]:
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed stream must not keep a stalled run alive
+                pass
         self.exit(1)
