@@ -8,19 +8,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from detkit.api import DetectorModel
 from detkit.data import CocoDataset, DatasetError, VOCDataset, YOLODataset, build_dataloader
 from detkit.data.class_map import match_classes
 from detkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from detkit.engine.evaluator import eval_classes, evaluate_model
-from detkit.engine.hooks.evaluation import EvalHook
+from detkit.engine.hooks import EvalHook, build_hooks
+from detkit.engine.settings import TrainSettings
 from detkit.models.weights import weights_enum
 from detkit.registry import ConfigError
 from tests.cli_runner import run_main, tiny_shapes
@@ -109,14 +110,14 @@ def test_evaluation_scores_each_model_class_against_the_same_named_category(tmp_
 
 def test_training_evaluation_matches_train_and_val_classes_by_name(tmp_path):
     dataset = abc_dataset(tmp_path)
-    hook = EvalHook(build_dataloader({"val": {}, "num_workers": 0}, "val", dataset=dataset))
-    trainer = SimpleNamespace(loader=SimpleNamespace(dataset=SimpleNamespace(classes=["c", "b"])),
-                              model=SimpleNamespace(num_classes=2))
-    hook.before_train(trainer)
+    loader = build_dataloader({"val": {}, "num_workers": 0}, "val", dataset=dataset)
+    model = nn.Linear(1, 1)
+    model.num_classes = 2
+    hook = next(h for h in build_hooks({}, TrainSettings(), loader, model, ["c", "b"]) if isinstance(h, EvalHook))
     assert hook.classes.cat_of == {0: 3, 1: 2} and hook.classes.classes == ["b", "c"]
-    trainer.loader.dataset.classes = ["x", "y"]
+    # refused while the hooks are built: before the run writes its work dir
     with pytest.raises(ConfigError, match=r"data.train has the classes \[x, y\] but data.val has \[a, b, c\]"):
-        hook.before_train(trainer)
+        build_hooks({}, TrainSettings(), loader, model, ["x", "y"])
 
 
 @pytest.fixture(scope="module")

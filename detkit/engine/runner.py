@@ -182,7 +182,7 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
             logger.info("resuming: load_from %s is not used (the resumed checkpoint holds the weights)", cfg["load_from"])
     elif cfg.get("load_from"):
         load_report = load_pretrained(model, str(cfg["load_from"]))
-    hooks = build_hooks(cfg, settings, val_loader, model)
+    hooks = build_hooks(cfg, settings, val_loader, model, getattr(loader.dataset, "classes", None))
     if any(isinstance(h, CloseMosaic) for h in hooks):
         mixing_steps(loader.dataset)
     if settings.compile == "full":  # the neck's outputs are inside the compiled graph: no per-term gradients

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
 from detkit.distributed import is_distributed
-from detkit.engine.evaluator import EvalSettings
+from detkit.engine.evaluator import EvalSettings, eval_classes
 from detkit.engine.hooks.assigner_health import AssignerHealthHook
 from detkit.engine.hooks.balance import Uncertainty
 from detkit.engine.hooks.base import Hook
@@ -25,8 +25,12 @@ from detkit.engine.settings import TrainSettings
 from detkit.registry import HOOKS, ConfigError
 
 
-def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: nn.Module) -> list[Hook]:
-    """The built-in hooks the settings ask for, then ``train.hooks`` (user specs) and ``train.loss_balance``."""
+def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: nn.Module,
+                train_classes: Sequence[str] | None = None) -> list[Hook]:
+    """The built-in hooks the settings ask for, then ``train.hooks`` (user specs) and ``train.loss_balance``.
+
+    ``train_classes`` (the model's class names, ``data.train``'s) are matched to ``data.val``'s by name
+    here, so a val set that cannot be scored is refused before anything is written."""
     hooks: list[Hook] = [NaNGuardHook(s.nan_patience), LRScheduleHook(cfg.get("scheduler")),
                          TermGradNormHook(s.grad_norm_interval or s.log_interval),
                          CheckpointHook(s.checkpoint_interval, s.checkpoint_interval_iters, s.keep_checkpoints),
@@ -43,7 +47,8 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
         hooks.append(StallWatchdogHook(s.ddp_timeout))
     eval_settings = EvalSettings.from_config(cfg)  # checked with or without a val set, before anything is written
     if val_loader is not None:
-        hooks.append(EvalHook(val_loader, s.eval_interval, s.best_metric, s.vis_images, eval_settings))
+        classes = eval_classes(val_loader.dataset, train_classes, getattr(model, "num_classes", None), "data.train")
+        hooks.append(EvalHook(val_loader, s.eval_interval, s.best_metric, s.vis_images, eval_settings, classes))
         if eval_settings.diagnostics:
             hooks.append(AssignerHealthHook(val_loader))
     if s.early_stop is not None:

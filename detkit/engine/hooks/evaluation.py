@@ -9,7 +9,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from detkit.engine.checkpoint import inference_state, save_checkpoint
-from detkit.engine.evaluator import EvalClasses, EvalSettings, Evaluation, eval_classes, evaluate_model
+from detkit.engine.evaluator import EvalClasses, EvalSettings, Evaluation, evaluate_model
 from detkit.engine.hooks.base import Hook
 from detkit.engine.memory import batch_image_ids, name_out_of_memory
 from detkit.registry import HOOKS, ConfigError
@@ -80,21 +80,17 @@ class EvalHook(Hook):
     priority = 60
 
     def __init__(self, loader: Any, interval: int = 1, metric: str = "AP", vis_images: int = 4,
-                 settings: EvalSettings | None = None) -> None:
+                 settings: EvalSettings | None = None, classes: EvalClasses | None = None) -> None:
         self.loader, self.interval, self.metric, self.vis_images = loader, interval, metric, vis_images
         self.best: float | None = None
         self.best_epoch = 0
         self.settings = settings or EvalSettings()
-        self.classes: EvalClasses | None = None
+        self.classes = classes  # the model's labels matched to data.val's categories (None: one to one)
         self.warned_nan = False
         self.pending: tuple[int, Evaluation] | None = None  # (epoch, evaluation) whose pictures are not drawn yet
 
     def before_train(self, trainer: "Trainer") -> None:
-        """The model's labels (``data.train``'s classes) matched to ``data.val``'s categories by name,
-        refused before the first step when they cannot be."""
-        self.classes = eval_classes(self.loader.dataset, getattr(trainer.loader.dataset, "classes", None),
-                                    getattr(trainer.model, "num_classes", None), "data.train")
-        if self.classes.left_out:
+        if self.classes is not None and self.classes.left_out:
             logger.warning("%s", self.classes.left_out)
 
     def after_epoch(self, trainer: "Trainer") -> None:
