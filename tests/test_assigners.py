@@ -14,6 +14,7 @@ from detkit.assigners import (
     fcos_targets,
     gaussian_radius,
 )
+from detkit.assigners.base import AssignResult
 from detkit.ops import dense_points
 
 INF = 1e8
@@ -216,3 +217,13 @@ def test_centernet_heatmap_equals_per_object_reference_and_peaks_are_one():
     assert torch.equal(t["mask"], mask)
     chunked = CenterNetAssigner(stride=4, max_elements=1)(boxes, labels, mask, 3, (32, 32))
     torch.testing.assert_close(chunked["heatmap"], t["heatmap"])
+
+
+def test_centerness_of_a_positive_outside_its_box_is_zero():
+    """SimOTA may take a point of the centre region outside the box: beyond a corner both ratios are
+    negative, and their product must not become a positive centerness target."""
+    points = torch.tensor([[5.0, 5.0], [25.0, 25.0], [25.0, 5.0]])  # inside, beyond a corner, beside an edge
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 10.0]]).expand(1, 3, 4)
+    assigned = AssignResult(torch.zeros(1, 3, dtype=torch.long), boxes, torch.ones(1, 3, dtype=torch.bool))
+    _, centerness = fcos_targets(points, assigned)
+    assert centerness[0].tolist() == pytest.approx([math.sqrt(5 / 15 * 5 / 5), 0.0, 0.0])

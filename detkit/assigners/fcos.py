@@ -79,5 +79,8 @@ def fcos_targets(points: Tensor, assigned: AssignResult) -> tuple[Tensor, Tensor
     positive = assigned.positive
     ltrb = torch.where(positive.unsqueeze(-1), bbox2distance(points, assigned.boxes), 0.0)
     lr, tb = ltrb[..., 0::2], ltrb[..., 1::2]
-    ratio = (lr.amin(-1) / lr.amax(-1).clamp(min=1e-12)) * (tb.amin(-1) / tb.amax(-1).clamp(min=1e-12))
-    return ltrb, torch.where(positive, ratio.clamp(min=0).sqrt(), torch.zeros_like(ratio))
+    # each ratio clamped at 0: a positive outside its box (SimOTA's centre region) has centerness 0; two
+    # negative ratios (a point beyond a corner) must not multiply into a positive one
+    ratio = ((lr.amin(-1).clamp(min=0) / lr.amax(-1).clamp(min=1e-12))
+             * (tb.amin(-1).clamp(min=0) / tb.amax(-1).clamp(min=1e-12)))
+    return ltrb, torch.where(positive, ratio.sqrt(), torch.zeros_like(ratio))
