@@ -181,3 +181,18 @@ def test_batchnorm_folding_keeps_the_outputs():
             torch.testing.assert_close(b, a, atol=2e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="eval-mode"):
         fold_batchnorm(model.train())
+
+
+def test_infer_finds_images_in_linked_folders_and_any_suffix_case(tmp_path):
+    """``infer``'s folder search is the datasets' (``data.files.find_files``): ``A.JPG`` and a linked
+    sub-folder are inputs, a link loop ends."""
+    from detkit.engine.inference import expand_image_paths
+
+    shared, data = tmp_path / "shared", tmp_path / "data"
+    image_files(shared, [(20, 20)])
+    (data / "own").mkdir(parents=True)
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(data / "own" / "A.JPG")
+    (data / "linked").symlink_to(shared, target_is_directory=True)
+    (shared / "loop").symlink_to(shared, target_is_directory=True)
+    names = [str(rel) for _, rel in expand_image_paths([str(data)])]
+    assert names == ["linked/img0.png", "own/A.JPG.png"]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from detkit.data.coco import decode_rgb
+from detkit.data.files import find_files
 from detkit.engine.evaluator import coco_results
 from detkit.registry import ConfigError
 from detkit.visualize import draw_detections, save_grid
@@ -55,8 +56,8 @@ def expand_image_paths(paths: Sequence[str], skip: Path | None = None) -> list[t
     found: list[tuple[Path, Path]] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-                           and not (skip is not None and f.resolve().is_relative_to(skip)))
+            files = [f for f in find_files(p, IMAGE_SUFFIXES)  # linked sub-folders too, as datasets
+                     if not (skip is not None and f.resolve().is_relative_to(skip))]
             found += [(f, f.relative_to(p)) for f in files]
         elif p.is_file():
             found.append((p, Path(p.name)))
