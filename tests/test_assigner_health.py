@@ -153,3 +153,20 @@ def test_hook_is_built_in_with_diagnostics_and_writes_health_after_an_evaluation
     assert summary["assigner"] == "FCOSAssigner" and summary["images"] == 4 and summary["gts"] == written["boxes"]
     assert "assigner health (FCOSAssigner, sizes by the box area after the transforms)" in printed
     assert Image.open(out / "dataset_train.png").size == (2000, 420)  # four panels: the health histogram added
+
+
+def test_health_of_a_val_set_with_classes_the_model_lacks_uses_the_model_labels():
+    """A model of [b] evaluated on a val set of [a, b, c] (allowed since classes match by name): the
+    health keeps the b boxes as model label 0 and leaves the rest out (before: a ValueError from the
+    label check at the first evaluation)."""
+    from detkit.engine.evaluator import EvalClasses
+    from detkit.engine.hooks.assigner_health import health_hook, to_model_labels
+
+    loader = SimpleNamespace(dataset=SimpleNamespace(cat_ids=[1, 2, 3], classes=["a", "b", "c"]))
+    hook = health_hook(loader, EvalClasses({0: 2}, None, ["b"]), num_classes=1)
+    assert hook.label_map == {1: 0} and hook.classes == ["b"]
+    target = {"boxes": torch.tensor([[0.0, 0, 4, 4], [1, 1, 9, 9], [2, 2, 6, 6]]), "labels": torch.tensor([0, 1, 2])}
+    mapped = to_model_labels([target], hook.label_map)[0]
+    assert mapped["labels"].tolist() == [0] and mapped["boxes"].tolist() == [[1, 1, 9, 9]]
+    same = health_hook(loader, EvalClasses({0: 1, 1: 2, 2: 3}, None, ["a", "b", "c"]), num_classes=3)
+    assert same.label_map is None and same.classes == ["a", "b", "c"]

@@ -8,7 +8,7 @@ from torch import nn
 
 from detkit.distributed import is_distributed
 from detkit.engine.evaluator import EvalSettings, eval_classes
-from detkit.engine.hooks.assigner_health import AssignerHealthHook
+from detkit.engine.hooks.assigner_health import AssignerHealthHook, health_hook
 from detkit.engine.hooks.balance import Uncertainty
 from detkit.engine.hooks.base import Hook
 from detkit.engine.hooks.checkpoint import CheckpointHook
@@ -50,7 +50,7 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
         classes = eval_classes(val_loader.dataset, train_classes, getattr(model, "num_classes", None), "data.train")
         hooks.append(EvalHook(val_loader, s.eval_interval, s.best_metric, s.vis_images, eval_settings, classes))
         if eval_settings.diagnostics:
-            hooks.append(AssignerHealthHook(val_loader))
+            hooks.append(health_hook(val_loader, classes, getattr(model, "num_classes", None)))
     if s.early_stop is not None:
         if val_loader is None:
             raise ConfigError("train.early_stop needs evaluations: add a data.val dataset")
@@ -68,4 +68,5 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
 
 __all__ = ["Hook", "HOOKS", "build_hooks", "NaNGuardHook", "NonFiniteLossError", "LRScheduleHook",
            "LossWeightScheduleHook", "EMAHook", "WarmupEMA", "TermGradNormHook", "EvalHook", "EarlyStopHook",
-           "CheckpointHook", "LoggerHook", "Uncertainty", "CloseMosaic", "StallWatchdogHook", "AssignerHealthHook"]
+           "CheckpointHook", "LoggerHook", "Uncertainty", "CloseMosaic", "StallWatchdogHook", "AssignerHealthHook",
+           "SetEpochHook"]

@@ -15,6 +15,7 @@ from detkit.assigners.base import DenseAssigner
 from detkit.assigners.centernet import CenterNetAssigner
 from detkit.assigners.health import HealthAccumulator, HealthStats, assigner_health, centernet_health
 from detkit.distributed import all_gather_objects, get_rank
+from detkit.engine.evaluator import EvalClasses
 from detkit.engine.hooks.base import Hook
 from detkit.engine.run_log import progress
 from detkit.models.dense_head import DenseHead
@@ -64,7 +65,12 @@ class HealthProbe:
             state = {name: torch.empty_like(t, device="meta")
                      for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]}
             image = torch.empty(1, 3, height, width, dtype=torch.uint8, device="meta")
-            first = functional_call(self.model, state, (image,))[0]  # per-level list (dense) or one map
+            training = self.model.training
+            self.model.eval()  # SyncBatchNorm in train mode refuses a tensor that is not on a GPU
+            try:
+                first = functional_call(self.model, state, (image,))[0]  # per-level list (dense) or one map
+            finally:
+                self.model.train(training)
             self._sizes[(height, width)] = [tuple(m.shape[-2:]) for m in (first if self.dense else [first])]
         return self._sizes[(height, width)]
 
@@ -80,15 +86,34 @@ class HealthProbe:
         return assigner_health(self.head.assigner, priors, boxes, labels, mask, self.head.num_classes)
 
 
+def to_model_labels(targets: Sequence[Mapping[str, torch.Tensor]], label_map: Mapping[int, int]
+                    ) -> list[dict[str, torch.Tensor]]:
+    """``targets`` with dataset labels turned into model labels by ``label_map``; boxes of a class the
+    model does not have are left out (they are not scored either)."""
+    out = []
+    for t in targets:
+        labels = [int(label) for label in t["labels"]]
+        keep = torch.tensor([label in label_map for label in labels], dtype=torch.bool)
+        out.append({"boxes": t["boxes"][keep],
+                    "labels": torch.tensor([label_map[label] for label in labels if label in label_map],
+                                           dtype=torch.int64)})
+    return out
+
+
 def loader_health(probe: HealthProbe, loader: Any, classes: Sequence[str], limit: int | None = None,
-                  desc: str = "assigner health") -> HealthAccumulator | str:
+                  desc: str = "assigner health", label_map: Mapping[int, int] | None = None
+                  ) -> HealthAccumulator | str:
     """The health over the batches of ``loader`` (collated as :func:`collate_detection` does), or its
     first ``limit`` images; or why it cannot be measured: an assigner that assigns from the model's
-    predictions refuses a call without them (:class:`ConfigError`), and the health passes none."""
+    predictions refuses a call without them (:class:`ConfigError`), and the health passes none.
+    ``label_map`` (dataset label -> model label; None: the same) and ``classes`` (names by model label)
+    serve a val set whose classes are not the model's."""
     acc = HealthAccumulator(classes, probe.strides, probe.name)
     seen = 0
     for batch in progress(loader, len(loader), desc, get_rank() == 0):
         targets, ids = batch["targets"], batch["image_ids"]
+        if label_map is not None:
+            targets = to_model_labels(targets, label_map)
         if limit is not None:
             targets, ids = targets[:limit - seen], ids[:limit - seen]
         try:
@@ -108,10 +133,16 @@ class AssignerHealthHook(Hook):
     gradient, no prediction): ``eval_epoch_N/assigner_health.json`` and one log line. Built in with
     ``eval.diagnostics`` (the default); a model without a detkit assigner says so once and is skipped."""
 
-    priority = 61  # after EvalHook, which records the evaluation of this epoch in trainer.summary
+    # after EvalHook (60), which records this epoch's evaluation in trainer.summary, and after the
+    # epoch's checkpoint (70): measuring the health cannot cost it
+    priority = 75
 
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
+    def __init__(self, loader: Any, classes: Sequence[str] | None = None,
+                 label_map: Mapping[int, int] | None = None) -> None:
+        """``classes`` (names by model label) and ``label_map`` (val label -> model label): for a val set
+        whose classes are not the model's (:func:`~detkit.engine.evaluator.eval_classes`)."""
+        self.loader, self.label_map = loader, label_map
+        self.classes = list(classes) if classes is not None else list(loader.dataset.classes)
         self.probe: HealthProbe | None = None
 
     def before_train(self, trainer: "Trainer") -> None:
@@ -125,7 +156,7 @@ class AssignerHealthHook(Hook):
         last = trainer.summary.get("last_eval")
         if self.probe is None or not last or last["epoch"] != trainer.epoch:
             return
-        acc = loader_health(self.probe, self.loader, self.loader.dataset.classes)
+        acc = loader_health(self.probe, self.loader, self.classes, label_map=self.label_map)
         if isinstance(acc, str):  # every rank alike: the assigner's kind decides
             logger.info("assigner health: not measured from now on (%s)", acc)
             self.probe = None
@@ -138,3 +169,17 @@ class AssignerHealthHook(Hook):
         out.mkdir(parents=True, exist_ok=True)
         (out / "assigner_health.json").write_text(json.dumps(acc.summary(), indent=1) + "\n")
         logger.info("%s", acc.log_line())
+
+
+def health_hook(loader: Any, matched: EvalClasses, num_classes: int | None) -> AssignerHealthHook:
+    """The hook for the val set of ``loader``, in the model's label space: ``matched`` (the model's
+    labels -> the val set's category ids) gives the val label -> model label map, None when the
+    val set's classes are the model's, one to one."""
+    dataset = loader.dataset
+    label_of_cat = {cat: label for label, cat in enumerate(dataset.cat_ids)}
+    label_map = {label_of_cat[cat]: model_label for model_label, cat in matched.cat_of.items()}
+    count = num_classes if num_classes is not None else max(matched.cat_of, default=-1) + 1
+    if label_map == {label: label for label in range(len(dataset.cat_ids))} and count == len(dataset.cat_ids):
+        return AssignerHealthHook(loader)
+    names = {model_label: dataset.classes[label] for label, model_label in label_map.items()}
+    return AssignerHealthHook(loader, [names.get(m, f"class {m}") for m in range(count)], label_map)
