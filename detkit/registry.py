@@ -169,7 +169,12 @@ class Registry:
             obj = self.get(type_name)
             kwargs = {**defaults, **{k: v for k, v in spec.items() if k != "type"}}
             check_arguments(obj, type_name, kwargs, path)
-            return obj(**kwargs)
+            try:
+                return obj(**kwargs)
+            except ValueError as err:  # a constructor's own check of a value: name where it was set
+                if type(err) is not ValueError:
+                    raise  # ConfigError is named already; a data error keeps its own kind (exit 1)
+                raise ConfigError(f"{_where(path)}{err}") from None
 
 
 def check_arguments(obj: Callable, type_name: str, kwargs: Mapping[str, Any], path: str = "") -> None:

@@ -67,6 +67,10 @@ CASES = [
     ("model.head.losses.cls={type: GIoULoss}",
      "model.head.losses.cls: GIoULoss is a box loss, but the cls term takes classification losses"),
     ("imports=[no_such_module_xyz]", "imports: cannot import 'no_such_module_xyz'"),
+    # a constructor's own value check (a ValueError) is named with its config path, not a traceback
+    ("model.head.losses.bbox={type: SmoothL1Loss, beta: -1}",
+     "model.head.losses.bbox: SmoothL1Loss: beta must be >= 0, got -1"),
+    ("model.head.losses.cls={type: GHMC, bins: 0}", "model.head.losses.cls: GHMC: bins must be an integer >= 1, got 0"),
 ]
 
 
