@@ -108,6 +108,7 @@ def test_heads_pass_detached_predictions_and_gfl_learns_the_soft_targets(head, a
         seen.update(args[5], result=inner(*args))
         return seen["result"]
 
+    spy.needs_preds = inner.needs_preds  # the head builds preds only for an assigner that ranks them
     model.assigner = spy
     feats = [torch.randn(2, 8, n, n, requires_grad=True) for n in (8, 4, 2, 1, 1)]  # a 64 px input's FPN
     gt = (torch.tensor([[[4.0, 6.0, 40.0, 50.0], [20.0, 10.0, 60.0, 30.0]], [[0.0] * 4] * 2]),
@@ -140,3 +141,15 @@ def test_tood_config_trains_through_the_cli_and_switches_from_atss(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "model.head.assigner.beta must be a number >= 0" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_fcos_head_builds_no_predictions_for_a_static_assigner():
+    """The (B, P, C) inference scores and decoded boxes are built only for an assigner that ranks them
+    (``needs_preds``): FCOS and ATSS steps do not pay for them."""
+    model = HEADS.build({"type": "FCOSHead", "num_classes": 3, "in_channels": 8, "feat_channels": 8, "num_convs": 1},
+                        "head")
+    inner, seen = model.assigner, []
+    model.assigner = lambda *args: seen.append(args[5]) or inner(*args)
+    feats = [torch.randn(1, 8, n, n) for n in (8, 4, 2, 1, 1)]
+    model.loss(model(feats), torch.tensor([[[4.0, 6.0, 40.0, 50.0]]]), torch.tensor([[1]]), torch.tensor([[True]]))
+    assert seen == [None]

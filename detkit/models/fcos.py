@@ -76,9 +76,11 @@ class FCOSHead(DenseHead):
         cls_scores, bbox_preds, centernesses = outputs
         priors = self.priors(cls_scores)
         reg = flatten_levels(bbox_preds)  # (B, P, 4)
-        pixels = reg.detach() * priors.strides.view(1, -1, 1) if self.norm_on_bbox else reg.detach()
-        assigned = self.assigner(priors, gt_boxes, gt_labels, gt_mask, self.num_classes,
-                                 {"scores": self.dense_scores(outputs), "boxes": distance2bbox(priors.points, pixels)})
+        preds = None
+        if getattr(self.assigner, "needs_preds", False):  # (B, P, C) scores and decoded boxes cost a step time
+            pixels = reg.detach() * priors.strides.view(1, -1, 1) if self.norm_on_bbox else reg.detach()
+            preds = {"scores": self.dense_scores(outputs), "boxes": distance2bbox(priors.points, pixels)}
+        assigned = self.assigner(priors, gt_boxes, gt_labels, gt_mask, self.num_classes, preds)
         positive = assigned.positive
         ltrb, ctr_target = fcos_targets(priors.points, assigned)
         if self.norm_on_bbox:
