@@ -70,7 +70,8 @@ def test_a_missing_writer_package_is_found_before_overwrite_deletes(tmp_path):
 def test_overwrite_removes_everything_the_old_run_wrote_and_nothing_else(tmp_path):
     work = tmp_path / "w"
     old_run(work)
-    for name in ("epoch_1.pth", "best.pth", "model_final.pth", "results.png", "metrics.jsonl", "config.yaml"):
+    for name in ("epoch_1.pth", "best.pth", "model_final.pth", "results.png", "metrics.jsonl", "config.yaml",
+                 "stall_rank1.txt"):
         (work / name).write_bytes(b"x")
     for folder in ("tb", "results", "eval_epoch_2", "eval_best"):
         (work / folder).mkdir()

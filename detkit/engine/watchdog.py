@@ -157,6 +157,9 @@ class StallWatchdog:
 
     def _abort(self, message: str, decider: bool) -> None:
         """Write this rank's stacks, say why, wait (briefly) for the other ranks' dumps, exit 1."""
+        # armed first: a hung file system or a logging lock held by the stalled main thread must not
+        # keep this thread from ending the process (faulthandler's timer dumps the stacks to stderr)
+        faulthandler.dump_traceback_later(max(10.0, 4 * SILENT_INTERVALS * self.interval), exit=True)
         path = self.work_dir / f"stall_rank{self.rank}.txt"
         try:
             self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -185,3 +188,4 @@ class StallWatchdog:
             except (OSError, ValueError):  # a closed stream must not keep a stalled run alive
                 pass
         self.exit(1)
+        faulthandler.cancel_dump_traceback_later()  # reached only with an exit that returns (the tests')

@@ -19,6 +19,8 @@ RUN_FILES = ("latest.pth", "best.pth", "model_final.pth", "metrics.jsonl", "log.
 RUN_FOLDERS = ("tb", "results")
 #: The diagnostics of training's evaluations (``eval_epoch_N/``).
 EVAL_EPOCH_FOLDER = re.compile(r"^eval_epoch_\d+$")
+#: The stall watchdog's reports (``stall_rank<R>.txt``, :mod:`detkit.engine.watchdog`).
+STALL_FILE = re.compile(r"^stall_rank\d+\.txt$")
 
 
 def previous_run(work_dir: Path) -> list[str]:
@@ -31,11 +33,12 @@ def previous_run(work_dir: Path) -> list[str]:
 
 def run_files(work_dir: Path) -> list[Path]:
     """What a run (and ``eval``/``--eval-only`` into it) wrote in ``work_dir``: checkpoints, logs, ``tb/``,
-    ``results/``, ``results.png``, ``eval_epoch_N/`` and ``eval_<checkpoint>/`` folders (those holding an
+    ``results/``, ``results.png``, ``stall_rank<R>.txt``, ``eval_epoch_N/`` and ``eval_<checkpoint>/`` folders (those holding an
     evaluation's ``results.json``)."""
     if not work_dir.is_dir():
         return []
-    return sorted(p for p in work_dir.iterdir() if p.name in RUN_FILES or EPOCH_FILE.match(p.name) or (p.is_dir() and (
+    return sorted(p for p in work_dir.iterdir() if p.name in RUN_FILES or EPOCH_FILE.match(p.name)
+                  or STALL_FILE.match(p.name) or (p.is_dir() and (
         p.name in RUN_FOLDERS or EVAL_EPOCH_FOLDER.match(p.name)
         or (p.name.startswith("eval_") and (p / "results.json").is_file()))))
 
