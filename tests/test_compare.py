@@ -304,3 +304,20 @@ def test_unreadable_results_file_is_one_message(tmp_path: Path) -> None:
     run.results_file.write_text('[{"image_id": 1, "bbo')  # killed while writing
     with pytest.raises(ValueError, match=r"bbox_epoch_2.json: not a COCO results json .* delete .* run the command"):
         build_report([run], coco, coco.getImgIds())
+
+
+def test_a_run_with_class_weight_auto_is_the_same_setting_as_its_numbers() -> None:
+    """A run's config.yaml holds the class weights `auto` computed; the sweep's config still says `auto`:
+    the same run (else the second call, other shards and the report refused every such run)."""
+    from detkit.analysis.compare import first_difference, keep_auto_class_weights
+
+    saved = {"model": {"head": {"losses": {"cls": {"type": "FocalLoss", "class_weight": [0.8, 1.2]},
+                                           "bbox": [{"type": "GIoULoss"}]}}}}
+    cfg = {"model": {"head": {"losses": {"cls": {"type": "FocalLoss", "class_weight": "auto"},
+                                         "bbox": [{"type": "GIoULoss"}]}}}}
+    keep_auto_class_weights(saved, cfg)
+    assert first_difference(saved, cfg) is None
+    other = {"model": {"head": {"losses": {"cls": {"type": "FocalLoss", "class_weight": [1.0, 1.0]}}}}}
+    keep_auto_class_weights(other, {"model": {"head": {"losses": {"cls": {"type": "FocalLoss",
+                                                                          "class_weight": [2.0, 1.0]}}}}})
+    assert other["model"]["head"]["losses"]["cls"]["class_weight"] == [1.0, 1.0]  # lists stay compared

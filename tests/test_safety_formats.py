@@ -251,3 +251,17 @@ def test_weights_names_are_listed_once():
     with pytest.raises(ConfigError) as err:
         weights_enum("FCOS_ResNet50_FPN_Weights.COCO_V2", "load_from")
     assert str(err.value).endswith("it has COCO_V1, DEFAULT")
+
+
+def test_eval_tool_report_covers_only_the_classes_the_evaluation_scored(shapes_ckpt, tmp_path):
+    """``tools/eval.py``'s report (per-class AP, PR curves) uses the same class match as the metrics:
+    a checkpoint of [square, circle, x, y] on the four-shape val set reports circle and square only
+    (before, its per_class_ap.json listed triangle and star, which the evaluation had left out)."""
+    from detkit.analysis.cli import eval_main
+
+    ckpt, val = shapes_ckpt
+    state = load_checkpoint(ckpt)
+    save_checkpoint({**state, "classes": ["square", "circle", "x", "y"]}, tmp_path / "renamed.pth")
+    assert eval_main(["--checkpoint", str(tmp_path / "renamed.pth"), "--set", *val]) == 0
+    table = json.loads((tmp_path / "eval_renamed" / "per_class_ap.json").read_text())
+    assert sorted(row["class"] for row in table["classes"]) == ["circle", "square"]

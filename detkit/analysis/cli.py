@@ -162,7 +162,8 @@ def report_evaluation(args: argparse.Namespace) -> int:
     from detkit.analysis.report import write_eval_report
     from detkit.analysis.show import write_show_dir
     from detkit.data import build_dataset
-    from detkit.engine.evaluator import EvalSettings, run_cocoeval
+    from detkit.engine.checkpoint import load_checkpoint
+    from detkit.engine.evaluator import EvalSettings, eval_classes, run_cocoeval
 
     cfg = eval_config(args)
     work_dir = Path(args.work_dir) if args.work_dir else Path(args.checkpoint).parent / f"eval_{Path(args.checkpoint).stem}"
@@ -170,8 +171,11 @@ def report_evaluation(args: argparse.Namespace) -> int:
     results = json.loads((work_dir / "results.json").read_text())
     spec = cfg["data"]["val"]
     dataset = build_dataset(spec, "data.val")
-    coco_eval = run_cocoeval(dataset.coco, results, dataset.ids, settings.backend) if results else None
-    files = write_eval_report(work_dir, coco_eval, dataset.coco, results, dataset.classes, dataset.ids,
+    # the classes the evaluation scored: the checkpoint's matched to the val set's by name, as `eval` did
+    state = load_checkpoint(args.checkpoint, mmap=True)
+    matched = eval_classes(dataset, state.get("classes"), None, "the checkpoint")
+    coco_eval = run_cocoeval(matched.coco, results, dataset.ids, settings.backend) if results else None
+    files = write_eval_report(work_dir, coco_eval, matched.coco, results, matched.classes, dataset.ids,
                               settings.iou_thr, settings.score_thr, title=Path(args.checkpoint).name)
     print(f"wrote {', '.join(f.name for f in files)} to {work_dir}")
     if args.show_dir:

@@ -33,12 +33,9 @@ from detkit.analysis.compare_sweep import (
 )
 from detkit.config import import_modules, load_config
 from detkit.data import build_dataset
-from detkit.data.loader import data_settings
 from detkit.engine.checkpoint import CheckpointError, load_checkpoint
-from detkit.engine.evaluator import EvalSettings
-from detkit.engine.optim import check_optimizer_spec
+from detkit.engine.runner import check_train_config
 from detkit.engine.settings import TrainSettings
-from detkit.engine.writers import check_writer_specs
 from detkit.models import build_detector
 from detkit.registry import ConfigError
 
@@ -84,15 +81,7 @@ def parse_devices(text: str | None) -> list[str]:
 def check_run_config(cfg: dict[str, Any]) -> None:
     """What ``train`` checks before it writes anything (sections, train/data/eval settings, writers,
     optimizer, the model), plus what a comparison needs: a val split, metrics.jsonl and train.seed."""
-    for section in ("model", "data"):
-        if not isinstance(cfg.get(section), dict):
-            raise ConfigError(f"the config has no '{section}' section (a mapping); see configs/ for examples")
-    settings = TrainSettings.from_config(cfg)
-    data_settings(cfg["data"])
-    check_writer_specs(settings.writers)
-    if cfg.get("optimizer"):
-        check_optimizer_spec(cfg["optimizer"])
-    EvalSettings.from_config(cfg)
+    settings, _ = check_train_config(cfg)
     build_detector(cfg["model"])
     if "val" not in cfg["data"]:
         raise ConfigError("data.val: compare evaluates every run on the val split; the config has none")
@@ -163,6 +152,20 @@ def plan(args: argparse.Namespace) -> tuple[list[Run], dict[str, dict[str, Any]]
     return sorted(runs, key=lambda r: (r.label, r.seed)), labels, dataset
 
 
+def keep_auto_class_weights(saved: Any, cfg: Any) -> None:
+    """``class_weight: auto`` in ``cfg`` where ``saved`` (a run's config.yaml) holds the numbers the
+    run computed from its training set: the same setting, in place."""
+    if isinstance(saved, dict) and isinstance(cfg, dict):
+        for key, value in cfg.items():
+            if key == "class_weight" and value == "auto" and key in saved:
+                saved[key] = "auto"
+            else:
+                keep_auto_class_weights(saved.get(key), value)
+    elif isinstance(saved, list) and isinstance(cfg, list):  # a term with several losses
+        for saved_item, item in zip(saved, cfg):
+            keep_auto_class_weights(saved_item, item)
+
+
 def check_existing(run: Run, cfg: dict[str, Any]) -> None:
     """A run already in its work dir must have been made from the same config; ``train.epochs`` may grow
     (``--resume`` continues on the longer schedule) and ``work_dir`` is where ``--out`` is now."""
@@ -171,6 +174,7 @@ def check_existing(run: Run, cfg: dict[str, Any]) -> None:
         return
     old, new = load_config(saved), copy.deepcopy(cfg)
     new["train"]["seed"] = run.seed
+    keep_auto_class_weights(old, new)
     for c in (old, new):
         c.pop("work_dir", None)
         (c.get("train") or {}).pop("epochs", None)

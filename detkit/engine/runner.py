@@ -124,6 +124,19 @@ def finished_run(found: tuple[Path, dict[str, Any]], epochs: int) -> bool:
     return False
 
 
+def check_train_config(cfg: dict[str, Any]) -> tuple[TrainSettings, dict[str, Any]]:
+    """The checks of a training config that need no data and write nothing (sections, the train, data
+    and eval settings, writers and their packages, the optimizer): its settings and optimizer spec."""
+    for section in ("model", "data"):
+        if not isinstance(cfg.get(section), dict):
+            raise ConfigError(f"the config has no '{section}' section (a mapping); see configs/ for examples")
+    settings = TrainSettings.from_config(cfg)
+    data_settings(cfg["data"])
+    check_writer_specs(settings.writers)  # the packages too: before --overwrite deletes anything
+    EvalSettings.from_config(cfg)
+    return settings, check_optimizer_spec(cfg.get("optimizer") or {"type": "SGD", "lr": 0.01, "momentum": 0.9})
+
+
 def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None, resume: str | None = None,
                   overwrite: bool = False) -> Trainer | None:
     """Everything validated and built before anything is written; None when the resumed run is finished.
@@ -131,13 +144,7 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
     A new run refuses a work dir holding another run unless ``overwrite``; the work dir is locked
     (``.lock``) for the run's lifetime (``trainer.lock.release()``), so a second run into it refuses.
     """
-    for section in ("model", "data"):
-        if not isinstance(cfg.get(section), dict):
-            raise ConfigError(f"the config has no '{section}' section (a mapping); see configs/ for examples")
-    settings = TrainSettings.from_config(cfg)
-    data_settings(cfg["data"])
-    check_writer_specs(settings.writers)  # the packages too: before --overwrite deletes anything
-    optimizer_spec = check_optimizer_spec(cfg.get("optimizer") or {"type": "SGD", "lr": 0.01, "momentum": 0.9})
+    settings, optimizer_spec = check_train_config(cfg)
     dev, local_rank = init_distributed(device or settings.device, settings.ddp_timeout)
     rank, world = get_rank(), get_world_size()
     setup_logging(None, rank)
