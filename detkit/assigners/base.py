@@ -5,9 +5,10 @@ An assigner is a registered class built with ``strides=`` (the head's FPN stride
 ``gt_mask`` marks real GT rows (batches are padded to the largest ``G``); ``preds`` is an optional
 mapping of detached predictions for the dynamic assigners (TaskAlignedAssigner, SimOTAAssigner):
 ``scores (B, P, C)`` the head's inference class probabilities and ``boxes (B, P, 4)`` its decoded
-boxes, x1y1x2y2 pixels; static assigners ignore it, and the FCOS-family heads always pass it.
-It returns an :class:`AssignResult`; the head turns it into its own regression targets, and uses
-``scores``, when given, as the soft classification target.
+boxes, x1y1x2y2 pixels; the FCOS and GFL heads pass it to an assigner whose ``needs_preds`` is
+true, static assigners get None. It returns an :class:`AssignResult`; the head turns it into its
+own regression targets; GFL's head learns ``scores``, when given, as its quality target (FCOS's
+head has no quality target and ignores them).
 """
 
 from __future__ import annotations
