@@ -1,6 +1,6 @@
 """YAML configs with ``_base_`` inheritance and ``a.b.c=VALUE`` command-line overrides.
 
-Rules (DESIGN.md "Config"): dicts merge recursively, everything else replaces; a component
+Rules (docs/architecture.md, section 1): dicts merge recursively, everything else replaces; a component
 spec (a dict with ``type``) whose ``type`` changes replaces the base spec whole, so the old
 component's arguments never leak into the new one.
 """

@@ -53,7 +53,7 @@ def test_unknown_type_names_registry_type_close_matches_and_known_names():
     assert "Did you mean 'GIoULoss'" in msg
     for name in LOSSES:
         assert name in msg
-    assert isinstance(info.value, KeyError)  # DESIGN.md: unknown type is a KeyError
+    assert isinstance(info.value, KeyError)  # docs/architecture.md: unknown type is a KeyError
 
 
 def test_unknown_argument_names_argument_type_and_accepted_parameters():
