@@ -126,7 +126,8 @@ class DetectorModel:
         out: list[dict[str, Tensor]] = []
         for start in range(0, len(images), batch_size):
             batch = self.prepare(images[start:start + batch_size])
-            images_nhwc = batch["images"].to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            images_nhwc = batch["images"].to(self.device, non_blocking=True).contiguous(
+                memory_format=torch.channels_last)
             dets = self.model.predict(images_nhwc, batch["image_sizes"])
             for i, det in enumerate(dets):
                 pred = to_original_coords(det, batch["scale_factors"][i], batch["orig_sizes"][i])

@@ -132,6 +132,13 @@ def _checkpoint_config(args: argparse.Namespace) -> dict | None:
     return None
 
 
+def eval_work_dir(args: argparse.Namespace) -> Path:
+    """Where ``eval`` writes: ``--work-dir``, else ``eval_<checkpoint name>/`` next to the checkpoint (or the
+    training run's files), never over them."""
+    checkpoint = Path(args.checkpoint)
+    return Path(args.work_dir) if args.work_dir else checkpoint.parent / f"eval_{checkpoint.stem}"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from detkit.engine.checkpoint import load_checkpoint
     from detkit.engine.runner import evaluate_checkpoint
@@ -141,9 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg = load_checkpoint(args.checkpoint).get("config") or {}
         if "model" not in cfg:
             raise ConfigError(f"{args.checkpoint}: the checkpoint stores no config; give --config")
-    # next to the checkpoint (or the training run's files), never over them
-    work_dir = Path(args.work_dir) if args.work_dir else Path(args.checkpoint).parent / f"eval_{Path(args.checkpoint).stem}"
-    evaluate_checkpoint(cfg, args.checkpoint, work_dir, device=args.device)
+    evaluate_checkpoint(cfg, args.checkpoint, eval_work_dir(args), device=args.device)
     return 0
 
 
@@ -192,7 +197,8 @@ def add_set_argument(parser: argparse.ArgumentParser) -> None:
 
 def add_run_arguments(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
     parser.add_argument("--config", required=config_required,
-                        help="YAML config" if config_required else "YAML config (default: the one stored in the checkpoint)")
+                        help="YAML config" if config_required
+                        else "YAML config (default: the one stored in the checkpoint)")
     parser.add_argument("--work-dir", default=None, help="output folder (default: work_dirs/<config name>)")
     parser.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                         help="default: train.device of the config (auto: GPU when available)")
@@ -257,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="GPUs: one run per GPU at a time, in parallel (CUDA_VISIBLE_DEVICES per run)")
     p_compare.add_argument("--shard", default=None, metavar="I/N",
                            help="train only runs I, I+N, I+2N, ... of the sorted list (0 <= I < N)")
-    p_compare.add_argument("--bootstrap", type=int, default=1000, metavar="N", help="bootstrap resamples (default 1000)")
+    p_compare.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                           help="bootstrap resamples (default 1000)")
     p_compare.add_argument("--bootstrap-seed", type=int, default=0, metavar="S", help="seed of the resamples")
     p_compare.set_defaults(func=cmd_compare)
     return parser

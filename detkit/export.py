@@ -192,5 +192,6 @@ def bench_export(config: str | Path, size: int = 512, repeat: int = 20, threads:
     torch.set_num_threads(previous)
     eager = statistics.median(times["pytorch eager predict"])
     return [{"runtime": name, "config": Path(config).stem, "size": size, "threads": threads,
-             "latency_ms": round(statistics.median(t) * 1e3, 1), "speedup_vs_eager": round(eager / statistics.median(t), 2)}
+             "latency_ms": round(statistics.median(t) * 1e3, 1),
+             "speedup_vs_eager": round(eager / statistics.median(t), 2)}
             for name, t in times.items()]

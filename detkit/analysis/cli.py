@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from detkit.analysis import AnalysisError
-from detkit.cli import add_run_arguments, add_set_argument
+from detkit.cli import add_run_arguments, add_set_argument, eval_work_dir
 from detkit.data.coco import DatasetError
 from detkit.engine.checkpoint import CheckpointError
 from detkit.registry import ConfigError
@@ -166,7 +166,7 @@ def report_evaluation(args: argparse.Namespace) -> int:
     from detkit.engine.evaluator import EvalSettings, eval_classes, run_cocoeval
 
     cfg = eval_config(args)
-    work_dir = Path(args.work_dir) if args.work_dir else Path(args.checkpoint).parent / f"eval_{Path(args.checkpoint).stem}"
+    work_dir = eval_work_dir(args)
     settings = EvalSettings.from_config(cfg)
     results = json.loads((work_dir / "results.json").read_text())
     spec = cfg["data"]["val"]

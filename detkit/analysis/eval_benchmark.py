@@ -115,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dets", type=int, default=50, help="detections per image")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--run", default=None, metavar="WORK_DIR", help="time the report of this finished run instead")
-    parser.add_argument("--epoch", type=int, default=None, help="with --run: the evaluation (results/bbox_epoch_N.json)")
+    parser.add_argument("--epoch", type=int, default=None,
+                        help="with --run: the evaluation (results/bbox_epoch_N.json)")
     args = parser.parse_args(argv)
     if args.run:
         if args.epoch is None:
@@ -129,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"python {platform.python_version()}, pycocotools {version('pycocotools')}, "
           f"faster-coco-eval {version('faster-coco-eval')}, numpy {np.__version__}")
     for backend, seconds in out["times"].items():
-        print(f"  {backend:<17} " + " ".join(f"{s:.2f}" for s in seconds) + f" s (median {statistics.median(seconds):.2f})")
+        times = " ".join(f"{s:.2f}" for s in seconds)
+        print(f"  {backend:<17} {times} s (median {statistics.median(seconds):.2f})")
     for backend, ratio in out["ratio"].items():
         print(f"  pycocotools / {backend}: {ratio:.2f}x; largest difference of the 12 COCO numbers "
               f"{out['max_stat_diff'][backend]:.2e}")

@@ -74,7 +74,8 @@ def write_show_dir(dataset: Any, results: Sequence[dict[str, Any]], show_dir: st
                                torch.tensor([label_of[d["category_id"]] for d in dets], dtype=torch.int64),
                                dataset.classes, score_thr)
         name = dataset.coco.imgs[int(target["image_id"])]["file_name"]
-        path = show_dir / Path(*[p for p in Path(name).parts if p not in ("..", "/")]).with_name(Path(name).name + ".png")
+        inside = Path(*[p for p in Path(name).parts if p not in ("..", "/")])  # never above show_dir
+        path = show_dir / inside.with_name(Path(name).name + ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_png(picture, str(path))
     return len(dataset)

@@ -36,7 +36,8 @@ class ATSSAssigner(DenseAssigner):
     def __init__(self, strides: Sequence[int], topk: int = 9, anchor_scale: float = 8.0) -> None:
         super().__init__(strides)
         self.topk = positive_int(topk, "topk")
-        if isinstance(anchor_scale, bool) or not isinstance(anchor_scale, (int, float)) or not 0 < anchor_scale < math.inf:
+        if (isinstance(anchor_scale, bool) or not isinstance(anchor_scale, (int, float))
+                or not 0 < anchor_scale < math.inf):
             raise ConfigError(f"{config_path('anchor_scale')} must be a number > 0 (anchor side in strides), "
                               f"got {anchor_scale!r}")
         self.anchor_scale = float(anchor_scale)

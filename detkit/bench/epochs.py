@@ -59,4 +59,5 @@ def bench_epochs(configs: dict[str, str | Path], overrides: Sequence[str], devic
             times[name] += epoch_seconds(config, overrides, device, epochs)[1:]
     reference = statistics.median(times[next(iter(configs))])
     return [{"config": name, "epoch_s": round(statistics.median(t), 2), "epochs_timed": len(t),
-             f"speed_vs_{next(iter(configs))}": round(reference / statistics.median(t), 3)} for name, t in times.items()]
+             f"speed_vs_{next(iter(configs))}": round(reference / statistics.median(t), 3)}
+            for name, t in times.items()]

@@ -97,7 +97,8 @@ def bench_losses(device: torch.device, size: int, batch: int, repeat: int, compi
         if compile_losses:
             fns["compiled"] = compiled_fn
         t = time_pair(fns, device, repeat)
-        row = {"loss": name, "peer": peer, "detkit": t["ours"], "peer_time": t["peer"], "speedup": t["peer"] / t["ours"]}
+        row = {"loss": name, "peer": peer, "detkit": t["ours"], "peer_time": t["peer"],
+               "speedup": t["peer"] / t["ours"]}
         if compile_losses:
             row.update({"detkit_compiled": t["compiled"], "compiled_speedup": t["peer"] / t["compiled"]})
         rows.append(row)

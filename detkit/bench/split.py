@@ -222,7 +222,8 @@ def summarize(cfg: Mapping[str, Any], device: str, trainer: Any, seconds: Mappin
     overhead = sum(v for k, v in parts.items() if k in OVERHEAD_PARTS)
     rows = [{"part": k, "ms_per_step": v * 1e3, "percent_of_step": 100 * v / step} for k, v in parts.items()]
     rows.append({"part": "sum of parts", "ms_per_step": total * 1e3, "percent_of_step": 100 * total / step})
-    rows.append({"part": "split steps (wall)", "ms_per_step": split_wall * 1e3, "percent_of_step": 100 * split_wall / step})
+    rows.append({"part": "split steps (wall)", "ms_per_step": split_wall * 1e3,
+                 "percent_of_step": 100 * split_wall / step})
     rows.append({"part": "measured step (plain)", "ms_per_step": step * 1e3, "percent_of_step": 100.0})
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     settings = cfg.get("train", {})
@@ -243,6 +244,7 @@ def check_line(result: Mapping[str, Any]) -> str:
     s = result["summary"][0]
     rows = {r["part"]: r["ms_per_step"] for r in result["split"]}
     ok = abs(s["sum_vs_step_percent"]) <= 5
-    return (f"check: sum of parts {rows['sum of parts']:.1f} ms vs measured step {rows['measured step (plain)']:.1f} ms "
+    return (f"check: sum of parts {rows['sum of parts']:.1f} ms vs measured step "
+            f"{rows['measured step (plain)']:.1f} ms "
             f"({s['sum_vs_step_percent']:+.1f}%): {'within' if ok else 'NOT within'} 5% (the split steps' own wall: "
             f"{rows['split steps (wall)']:.1f} ms)")

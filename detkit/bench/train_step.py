@@ -56,7 +56,8 @@ def bench_train_step(device: torch.device, depths: Sequence[int], size: int, bat
     from detkit.engine.compiled_step import CompiledLoss
 
     rows = []
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     boxes, labels = random_boxes(batch, 8, size, size, torch.device("cpu"))
     targets = [{"boxes": b, "labels": lab % num_classes} for b, lab in zip(boxes, labels)]
     tv_images = [(img.float() / 255).to(device) for img in images]
@@ -119,13 +120,15 @@ def bench_inference(device: torch.device, depth: int, width: int, num_convs: int
     weights (torchvision's converted into detkit's FCOS, which is then exact: same boxes and scores).
 
     ``detkit`` is the model's own ``predict``; ``detkit_api`` the model as ``load_detector`` prepares it
-    (BatchNorm folded into the convolutions, ``channels_last``). Two regimes of the random weights: ``dense`` (the classifier's prior init: every candidate scores
+    (BatchNorm folded into the convolutions, ``channels_last``). Two regimes of the random weights:
+    ``dense`` (the classifier's prior init: every candidate scores
     about 0.07, above the 0.05 threshold, so NMS sees ``nms_pre`` boxes per level) and ``sparse``
     (classifier bias -10: nothing passes the threshold; the network and decoding alone).
     """
     from detkit.models.convert import convert_torchvision_fcos
 
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     theirs = torchvision_fcos(depth, width, num_classes, size, num_convs).to(device).eval()
     ours = detkit_fcos(depth, width, num_classes, num_convs, conv_bias=True, point_offset=0.0,

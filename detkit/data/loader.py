@@ -39,7 +39,8 @@ def data_settings(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(s[key], bool):
             raise ConfigError(f"data.{key} must be true or false, got {s[key]!r}")
     if s["pin_memory"] is not None and not isinstance(s["pin_memory"], bool):
-        raise ConfigError(f"data.pin_memory must be null (when CUDA is available), true or false, got {s['pin_memory']!r}")
+        raise ConfigError(f"data.pin_memory must be null (when CUDA is available), true or false, "
+                          f"got {s['pin_memory']!r}")
     sampler = s["sampler"]
     if sampler is not None:
         if not isinstance(sampler, Mapping) or "type" not in sampler:
@@ -62,8 +63,8 @@ def ignore_interrupts(worker_id: int) -> None:
 
 
 def build_dataset(spec: Mapping[str, Any], key: str | None = None) -> Dataset:
-    """A dataset from ``{type: CocoDataset | VOCDataset | YOLODataset | ShapesDataset, ...}``, its mixing transforms (Mosaic, MixUp)
-    bound to it."""
+    """A dataset from ``{type: CocoDataset | VOCDataset | YOLODataset | ShapesDataset, ...}``, its mixing
+    transforms (Mosaic, MixUp) bound to it."""
     import detkit.data.shapes  # noqa: F401  (registers the datasets)
 
     dataset = DATASETS.build(spec, key)

@@ -151,8 +151,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be loaded "
                               f"({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or "model" not in state:
+        keys = f" with keys {sorted(state)}" if isinstance(state, dict) else ""
         raise CheckpointError(f"{path} is not a detkit checkpoint (expected a dict with 'model', got "
-                              f"{type(state).__name__}{' with keys ' + str(sorted(state)) if isinstance(state, dict) else ''})")
+                              f"{type(state).__name__}{keys})")
     return state
 
 

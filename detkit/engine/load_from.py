@@ -51,7 +51,8 @@ def load_pretrained(model: nn.Module, spec: str) -> str:
     lines = [f"load_from {spec}: {len(loaded)} of the model's {len(own)} tensors loaded"]
     for name, count, keys in rows:
         lines.append(f"  {name:<46} {count:>5}")
-        lines += [f"      {k}" for k in keys[:20]] + ([f"      ... and {len(keys) - 20} more"] if len(keys) > 20 else [])
+        lines += [f"      {k}" for k in keys[:20]]
+        lines += [f"      ... and {len(keys) - 20} more"] if len(keys) > 20 else []
     report = "\n".join(lines)
     if len(loaded) < MIN_LOADED * len(own):
         raise ConfigError(f"load_from {spec}: only {len(loaded)} of the model's {len(own)} tensors fit "

@@ -186,7 +186,8 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
     if found:
         check_model_weights(model, found[1]["model"], found[0])  # named before anything is written; the trainer loads
         if cfg.get("load_from"):
-            logger.info("resuming: load_from %s is not used (the resumed checkpoint holds the weights)", cfg["load_from"])
+            logger.info("resuming: load_from %s is not used (the resumed checkpoint holds the weights)",
+                        cfg["load_from"])
     elif cfg.get("load_from"):
         load_report = load_pretrained(model, str(cfg["load_from"]))
     hooks = build_hooks(cfg, settings, val_loader, model, getattr(loader.dataset, "classes", None))
@@ -261,7 +262,8 @@ def run_training(cfg: dict[str, Any], work_dir: Path, device: str | None = None,
              f"{s.get('wall_time', 0) / 60:.1f} min"]
     if "best" in s:
         b = s["best"]
-        lines.append(f"best {b['metric']} {b['value']:.4f} at epoch {b['epoch']} ({b['file']})" if b["value"] is not None
+        lines.append(f"best {b['metric']} {b['value']:.4f} at epoch {b['epoch']} ({b['file']})"
+                     if b["value"] is not None
                      else f"best {b['metric']}: no evaluation gave it a value (NaN), so no best.pth")
         last = s["last_eval"]
         lines.append("final: " + " ".join(f"{k} {last[k]:.4f}" for k in ("AP", "AP50", "AP75") if k in last))

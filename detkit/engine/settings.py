@@ -43,7 +43,8 @@ def _early_stop(value: Any) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ConfigError(f"train.early_stop must be null or {{metric: AP, patience: 5, min_delta: 0.0}}, got {value!r}")
+        raise ConfigError(f"train.early_stop must be null or {{metric: AP, patience: 5, min_delta: 0.0}}, "
+                          f"got {value!r}")
     check_keys(value, ("metric", "patience", "min_delta", "mode"), "train.early_stop")
     spec = {"metric": "AP", "patience": 5, "min_delta": 0.0, "mode": "max", **value}
     if spec["metric"] not in METRICS:
@@ -157,7 +158,8 @@ class TrainSettings:
         clip = self.grad_clip
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
             raise ConfigError(f"train.grad_clip must be null (no clipping) or a max norm > 0, got {clip!r}")
-        if self.loss_balance is not None and not (isinstance(self.loss_balance, Mapping) and "type" in self.loss_balance):
+        balance = self.loss_balance
+        if balance is not None and not (isinstance(balance, Mapping) and "type" in balance):
             raise ConfigError(f"train.loss_balance must be null or a spec like {{type: Uncertainty}}, "
                               f"got {self.loss_balance!r}")
         timeout = self.ddp_timeout

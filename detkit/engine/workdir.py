@@ -33,8 +33,8 @@ def previous_run(work_dir: Path) -> list[str]:
 
 def run_files(work_dir: Path) -> list[Path]:
     """What a run (and ``eval``/``--eval-only`` into it) wrote in ``work_dir``: checkpoints, logs, ``tb/``,
-    ``results/``, ``results.png``, ``stall_rank<R>.txt``, ``eval_epoch_N/`` and ``eval_<checkpoint>/`` folders (those holding an
-    evaluation's ``results.json``)."""
+    ``results/``, ``results.png``, ``stall_rank<R>.txt``, ``eval_epoch_N/`` and ``eval_<checkpoint>/``
+    folders (those holding an evaluation's ``results.json``)."""
     if not work_dir.is_dir():
         return []
     return sorted(p for p in work_dir.iterdir() if p.name in RUN_FILES or EPOCH_FILE.match(p.name)

@@ -140,7 +140,8 @@ class GHMR(_GHMLoss):
 
     def loss_and_norm(self, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         if pred.shape != target.shape:
-            raise ValueError(f"GHMR: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape")
+            raise ValueError(f"GHMR: pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the "
+                             f"same shape")
         diff = pred - target
         root = torch.sqrt(diff * diff + self.mu * self.mu)
         return root - self.mu, diff.abs() / root

@@ -15,8 +15,8 @@ def check_kind(term: str, loss: nn.Module, accepted: Collection[str]) -> None:
     if not kinds or set(kinds) & set(accepted):
         return
     fitting = sorted(n for n, cls in LOSSES.items() if set(getattr(cls, "kinds", ())) & set(accepted))
-    raise ConfigError(f"{config_path(f'losses.{term}')}: {type(loss).__name__} is a {'/'.join(sorted(kinds))} loss, but the {term} term "
-                      f"takes {'/'.join(sorted(accepted))} losses: {', '.join(fitting)}")
+    raise ConfigError(f"{config_path(f'losses.{term}')}: {type(loss).__name__} is a {'/'.join(sorted(kinds))} loss, "
+                      f"but the {term} term takes {'/'.join(sorted(accepted))} losses: {', '.join(fitting)}")
 
 
 class LossTerms(nn.Module):
