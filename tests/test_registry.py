@@ -13,6 +13,7 @@ from detkit.registry import (
     UnknownTypeError,
     build_path,
 )
+from tests.cli_runner import run_main
 
 
 def make_registry() -> Registry:
@@ -103,5 +104,5 @@ def test_list_command_shows_every_loss_with_parameters():
 
 
 def test_list_command_rejects_unknown_registry():
-    proc = subprocess.run([sys.executable, "-m", "detkit", "list", "lossez"], capture_output=True, text=True)
+    proc = run_main("list", "lossez")  # in process: the test above starts `python -m detkit` once already
     assert proc.returncode == 2 and "unknown registry 'lossez'" in proc.stderr
