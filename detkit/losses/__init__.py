@@ -7,6 +7,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from detkit.losses.cross_entropy import CrossEntropyLoss
+from detkit.losses.distill import KnowledgeDistillationKLDivLoss
 from detkit.losses.focal import FocalLoss, FocalLossStar
 from detkit.losses.ghm import GHMC, GHMR
 from detkit.losses.heatmap import GaussianFocalLoss
@@ -34,4 +35,4 @@ __all__ = ["LOSSES", "build_loss", "WeightedLoss", "weight_reduce_loss", "FocalL
            "CIoULoss", "EIoULoss", "SIoULoss", "MSELoss", "BalancedL1Loss", "GaussianFocalLoss",
            "QualityFocalLoss", "VarifocalLoss", "DistributionFocalLoss", "WeightSchedule", "LinearWeight",
            "CosineWeight", "GHMC", "GHMR", "BoundedIoULoss", "FocalLossStar", "class_weights_from_counts",
-           "resolve_class_weights"]
+           "resolve_class_weights", "KnowledgeDistillationKLDivLoss"]
