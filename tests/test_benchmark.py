@@ -14,7 +14,8 @@ from torch import nn
 from detkit.bench.split import PartTimer
 from detkit.config import load_config
 from detkit.engine.compiled_step import CompiledLoss, bucket_images, bucket_targets
-from detkit.engine.settings import TrainSettings, resolve_amp
+from detkit.engine.precision import resolve_amp
+from detkit.engine.settings import TrainSettings
 from detkit.models import build_detector
 from detkit.registry import BACKBONES
 from tests.cli_runner import tiny_shapes

@@ -20,6 +20,7 @@ import torch
 
 from detkit.bench.common import sync
 from detkit.config import load_config
+from detkit.engine.precision import autocast
 
 #: Parts outside the network proper (what the issue's "overhead" is).
 OVERHEAD_PARTS = ("data wait", "normalise", "targets (pad)", "assigner", "losses", "hooks (LR, logging)",
@@ -153,8 +154,6 @@ def inference_rate(model: torch.nn.Module, loader: Any, device: torch.device, am
                    batches: int) -> tuple[float, float | None]:
     """Images/s of ``model.predict`` on ``batches`` loader batches (fetched beforehand; after one warm-up
     batch), and peak CUDA memory (MiB) during it."""
-    from detkit.engine.trainer import autocast
-
     fetched: list = []
     while len(fetched) <= batches:  # a small val set is gone through again
         fetched += [b for _, b in zip(range(batches + 1 - len(fetched)), loader)]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from detkit.bench.common import random_boxes, sync, time_pair
-from detkit.engine.trainer import autocast
+from detkit.engine.precision import autocast
 from detkit.models.fuse import fold_batchnorm
 
 

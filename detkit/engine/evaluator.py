@@ -16,6 +16,7 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
 from detkit.data.class_map import keep_categories, match_classes
+from detkit.engine.precision import autocast
 from detkit.engine.settings import section_settings
 from detkit.registry import ConfigError
 
@@ -197,7 +198,6 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: str
     (:func:`eval_classes`; None: the model's labels are the dataset's, one to one)."""
     from detkit.distributed import all_gather_objects, get_rank, is_distributed
     from detkit.engine.run_log import progress
-    from detkit.engine.trainer import autocast
 
     dataset, was_training = loader.dataset, model.training
     if classes is None:

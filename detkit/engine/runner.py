@@ -34,9 +34,10 @@ from detkit.engine.hooks import CloseMosaic, TermGradNormHook, build_hooks
 from detkit.engine.hooks.close_mosaic import mixing_steps
 from detkit.engine.load_from import load_pretrained
 from detkit.engine.optim import build_optimizer, check_optimizer_spec
+from detkit.engine.precision import resolve_amp
 from detkit.engine.rng import seed_everything
 from detkit.engine.run_log import setup_logging
-from detkit.engine.settings import TrainSettings, resolve_amp
+from detkit.engine.settings import TrainSettings
 from detkit.engine.trainer import Trainer
 from detkit.engine.workdir import WorkDirLock, check_new_run, clear_previous_run
 from detkit.engine.writers import (
@@ -295,8 +296,9 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, work_dir: Path, de
     setup_logging(work_dir, get_rank())
     if classes.left_out:
         logger.warning("%s", classes.left_out)
+    eval_settings = EvalSettings.from_config(cfg)
     ev = evaluate_model(model.to(dev), loader, dev, resolve_amp(settings.amp, dev),
-                        backend=EvalSettings.from_config(cfg).backend, classes=classes)
+                        backend=eval_settings.backend, classes=classes, tiles=eval_settings.tiles)
     if get_rank() == 0:
         record = {"epoch": int(state.get("epoch", 0)), "iter": int(state.get("iter", 0)),
                   "checkpoint": str(checkpoint), "num_images": ev.num_images, **ev.metrics}

@@ -7,8 +7,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import torch
-
 from detkit.registry import ConfigError, check_keys
 
 AMP_MODES = (None, "bf16", "fp16", "auto")
@@ -63,22 +61,6 @@ def _spec_list(key: str, value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, Mapping) and "type" in v for v in value):
         raise ConfigError(f"train.{key} must be a list of specs like [{{type: Name, ...}}], got {value!r}")
     return [dict(v) for v in value]
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16
-    or AMX (elsewhere oneDNN emulates bf16 and autocast would be slower than fp32)."""
-    if device.type == "cuda":  # not emulated bf16 (pre-Ampere GPUs): that is slower than fp32
-        with torch.cuda.device(device):
-            return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def resolve_amp(amp: str | None, device: torch.device) -> str | None:
-    """``train.amp`` for ``device``: ``auto`` becomes ``bf16`` where :func:`native_bf16`, else None (fp32)."""
-    if amp == "auto":
-        return "bf16" if native_bf16(device) else None
-    return amp
 
 
 def section_settings(cls: type, cfg: Mapping[str, Any], section: str) -> Any:

@@ -24,8 +24,8 @@ from detkit.distributed import (
 from detkit.engine.hooks.base import Hook
 from detkit.engine.interrupt import InterruptWatch, TrainingInterrupted
 from detkit.engine.memory import batch_image_ids, name_out_of_memory
+from detkit.engine.precision import autocast
 from detkit.engine.rng import rng_state, seed_everything, set_rng_state
-from detkit.engine.settings import resolve_amp
 from detkit.engine.writers import WriterGroup
 
 logger = logging.getLogger("detkit")
@@ -43,14 +43,6 @@ class StepResult:
     skipped: str | None = None
     bad_terms: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-def autocast(device: torch.device, amp: str | None) -> Any:
-    """The autocast context of ``train.amp`` (None | bf16 | fp16 | auto, see :func:`resolve_amp`) on ``device``."""
-    amp = resolve_amp(amp, device)
-    if amp is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def all_finite(total: Tensor) -> bool:
