@@ -186,3 +186,25 @@ class ShapesDataset(CocoDataset):
             generate_shapes(folder, int(num_images), workers or os.cpu_count() or 1, **draw_args)
         self.root = folder
         super().__init__(str(folder / "annotations.json"), str(folder / "images"), transforms, filter_empty)
+
+
+@DATASETS.register()
+class SmallShapesDataset(ShapesDataset):
+    """Small objects in large images: :class:`ShapesDataset` at ``image_size`` 1024 with ``min_objects`` to
+    ``max_objects`` shapes of ``min_size`` to ``max_size`` pixels (6-24: COCO's "small", under 32^2 pixels),
+    for tiled training and sliced inference (``configs/fcos/fcos_r18_fpn_shapes_tiles.yaml``). Generated on
+    first use into ``root`` and cached like the default; the arguments are the default's, ``max_size``
+    in pixels rather than a fraction of the image."""
+
+    def __init__(self, num_images: int = 200, image_size: int = 1024, seed: int = 0,
+                 root: str = "data_cache/shapes", classes: Sequence[str] = SHAPES, min_objects: int = 10,
+                 max_objects: int = 40, min_size: float = 6.0, max_size: float = 24.0, max_overlap: float = 0.4,
+                 workers: int = 0, transforms: Sequence[dict] | Callable | None = None,
+                 filter_empty: bool = False) -> None:
+        positive_int(image_size, "image_size", minimum=16)
+        if (not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (min_size, max_size))
+                or not 0 < min_size <= max_size <= image_size):
+            raise ConfigError(f"{config_path('min_size')}, max_size must be numbers with 0 < min_size <= max_size <= "
+                              f"image_size ({image_size}), got {min_size!r}, {max_size!r}")
+        super().__init__(num_images, image_size, seed, root, classes, min_objects, max_objects, min_size,
+                         max_size / image_size, max_overlap, workers, transforms, filter_empty)

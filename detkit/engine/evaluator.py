@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from detkit.data.class_map import keep_categories, match_classes
 from detkit.engine.precision import autocast
 from detkit.engine.settings import section_settings
+from detkit.ops.tiles import TileSettings, sliced_predict
 from detkit.registry import ConfigError
 
 logger = logging.getLogger("detkit")
@@ -91,12 +92,15 @@ class EvalSettings:
     """The ``eval`` section: ``backend`` (``pycocotools`` | ``faster_coco_eval``), ``diagnostics``
     (write ``eval_epoch_N/`` pictures and ``results.png`` at each evaluation) and the operating point
     of the confusion matrix and per-image recall: a detection counts from ``score_thr`` and matches a
-    box from IoU ``iou_thr`` (ultralytics' and mmdetection's defaults, 0.5 and 0.3)."""
+    box from IoU ``iou_thr`` (ultralytics' and mmdetection's defaults, 0.5 and 0.3). ``tiles``: null, or
+    sliced evaluation ``{size, overlap, full_image, merge, iou_thr}`` (:class:`~detkit.ops.tiles.TileSettings`)
+    on the val images as ``data.val.transforms`` give them, scored on the original images like a whole-image pass."""
 
     backend: str = "pycocotools"
     diagnostics: bool = True
     iou_thr: float = 0.5
     score_thr: float = 0.3
+    tiles: Any = None
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "EvalSettings":
@@ -110,6 +114,7 @@ class EvalSettings:
             value = getattr(settings, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"eval.{key} must be a number in [0, 1], got {value!r}")
+        settings.tiles = TileSettings.parse(settings.tiles, "eval.tiles")
         cocoeval_class(settings.backend)  # a missing package is named now, not after the first epoch
         return settings
 
@@ -192,10 +197,11 @@ class Evaluation:
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: str | None = None,
                    vis_images: int = 0, desc: str = "eval", backend: str = "pycocotools",
-                   classes: EvalClasses | None = None) -> Evaluation:
+                   classes: EvalClasses | None = None, tiles: TileSettings | None = None) -> Evaluation:
     """Predict every image of ``loader`` (sharded under DDP) and score all of them with COCOeval
     (``backend``: pycocotools or faster_coco_eval) on rank 0, in the categories of ``classes``
-    (:func:`eval_classes`; None: the model's labels are the dataset's, one to one)."""
+    (:func:`eval_classes`; None: the model's labels are the dataset's, one to one). With ``tiles``, each
+    image is predicted sliced (:func:`~detkit.ops.tiles.sliced_predict`, tiles padded to multiples of 32)."""
     from detkit.distributed import all_gather_objects, get_rank, is_distributed
     from detkit.engine.run_log import progress
 
@@ -205,8 +211,13 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: str
     model.eval()
     preds, ids, pictures = [], [], []
     for batch in progress(loader, len(loader), desc, get_rank() == 0):
+        images = batch["images"].to(device, non_blocking=True)
         with autocast(device, amp):
-            out = model.predict(batch["images"].to(device, non_blocking=True), batch["image_sizes"])
+            if tiles is None:
+                out = model.predict(images, batch["image_sizes"])
+            else:
+                out = [sliced_predict(model.predict, images[i, :, :h, :w], tiles)
+                       for i, (h, w) in enumerate(batch["image_sizes"].tolist())]
         for i, det in enumerate(out):
             preds.append(to_original_coords(det, batch["scale_factors"][i], batch["orig_sizes"][i]))
             ids.append(batch["image_ids"][i])
