@@ -1,25 +1,34 @@
-"""Export a detector to ONNX / TorchScript as ``uint8 images (B, 3, H, W) -> boxes, scores, labels``.
+"""Export a detector to ONNX / TorchScript: ``uint8 images (B, 3, H, W), image_sizes (B, 2) -> boxes, scores, labels``.
 
-The exported graph holds normalisation, network, decoding and (FCOS) class-wise NMS. Outputs are
-fixed-size per image: ``boxes (B, M, 4)`` x1y1x2y2 input pixels, ``scores (B, M)``, ``labels (B, M)``
-int64, sorted by score; empty slots have box 0, score 0, label -1 (M = head.max_per_img or head.topk).
+The exported graph holds zero-padding to the model's ``size_divisor``, normalisation, network, decoding,
+(class-wise) NMS and clipping of each image's boxes to its own ``image_sizes`` row (h, w: its real pixels in
+a zero-padded batch; the batch's H, W for unpadded images), so it gives ``DetectorModel.predict``'s
+detections at any size and in padded batches of mixed sizes. Outputs are fixed-size per image:
+``boxes (B, M, 4)`` x1y1x2y2 input pixels, ``scores (B, M)``, ``labels (B, M)`` int64, sorted by score;
+empty slots have box 0, score 0, label -1 (M = head.max_per_img or head.topk).
+
+:data:`FORMATS` is the one place that says how each ``--format`` is written and run.
 """
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detkit.engine.inference import replaced_on_success
-from detkit.ops.nms import image_sizes_of
+from detkit.deploy.parity import ParityError, ParityReport, Runner, check_parity
+from detkit.files import replaced_on_success
 from detkit.registry import ConfigError
 
+INPUT_NAMES = ["images", "image_sizes"]
 OUTPUT_NAMES = ["boxes", "scores", "labels"]
-MAX_BOX_DIFF = 0.5  # px: an export whose boxes differ more from PyTorch's (or whose labels differ) is not written
 
 
 class ExportError(RuntimeError):
@@ -27,85 +36,158 @@ class ExportError(RuntimeError):
 
 
 class ExportWrapper(nn.Module):
-    """``forward(images uint8 (B, 3, H, W)) -> (boxes (B, M, 4), scores (B, M), labels (B, M))``."""
+    """``forward(images uint8 (B, 3, H, W), image_sizes int64 (B, 2)) -> (boxes (B, M, 4), scores (B, M),
+    labels (B, M))``: pads H, W up to a multiple of ``size_divisor`` as the loaders' collate does (the FPN's
+    levels then line up as in training and ``predict``) and clips each image's boxes to its (h, w) row."""
 
-    def __init__(self, detector: nn.Module) -> None:
+    def __init__(self, detector: nn.Module, size_divisor: int = 32) -> None:
         super().__init__()
         if not hasattr(detector.head, "predict_padded"):
             raise TypeError(f"{type(detector.head).__name__} has no predict_padded: not exportable")
-        self.detector = detector
+        self.detector, self.size_divisor = detector, int(size_divisor)
         self.eval()  # the wrapper too: torch.onnx.export restores the *wrapper's* mode afterwards, and a
         # fresh nn.Module is in training mode, which would silently put the detector's BatchNorms in train()
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        d = self.size_divisor  # shape arithmetic stays symbolic: traced as tensors, exported as SymInts
+        height, width = images.shape[-2], images.shape[-1]
+        images = F.pad(images, (0, (d - width % d) % d, 0, (d - height % d) % d))  # zeros, bottom/right
         outputs = self.detector.head(self.detector.features(images))  # features() normalises
-        return self.detector.head.predict_padded(outputs, image_sizes_of(images))
+        return self.detector.head.predict_padded(outputs, image_sizes)
 
 
-def export_onnx(detector: nn.Module, path: str | Path, example: Tensor | None = None, dynamo: bool = False,
-                opset: int = 18) -> Path:
-    """ONNX with dynamic batch, height and width (both exporters). The example is only traced, its values
-    don't matter; for ``dynamo=True`` it must have batch >= 2 and every FPN level larger than 1x1 (torch.export
-    specialises sizes 0/1 and guards on them), hence the default (2, 3, 320, 352)."""
-    wrapper, path = ExportWrapper(detector), Path(path)
-    if example is None:
-        example = torch.randint(0, 256, (2, 3, 320, 352), dtype=torch.uint8)
-    dynamic = {"boxes": {0: "batch", 1: "det"}, "scores": {0: "batch", 1: "det"}, "labels": {0: "batch", 1: "det"}}
-    with torch.no_grad():
-        if dynamo:
-            dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
-            program = torch.onnx.export(wrapper, (example,), dynamo=True, input_names=["images"],
-                                        output_names=OUTPUT_NAMES, dynamic_shapes=(dims,), opset_version=opset,
-                                        external_data=False)
+@dataclass(frozen=True)
+class ExportOptions:
+    """What an exporter needs besides the detector: the padding multiple and, for ONNX, the exporter."""
+
+    size_divisor: int = 32
+    dynamo: bool = True
+
+
+def full_sizes(images: Tensor) -> Tensor:
+    """``image_sizes (B, 2)`` int64 for a batch of unpadded images: every row the batch's (H, W)."""
+    return torch.tensor([list(images.shape[-2:])] * images.shape[0], dtype=torch.int64)
+
+
+def examples(batch: int) -> tuple[Tensor, Tensor]:
+    """Traced example inputs: values don't matter; sizes not multiples of ``size_divisor`` (the padding
+    is traced as a non-zero amount), large enough that every FPN level is above 1x1 (torch.export
+    specialises sizes 0/1), with batch >= 2 for torch.export for the same reason."""
+    images = torch.randint(0, 256, (batch, 3, 300, 340), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    sizes = torch.tensor([[300, 340], [260, 300]] * batch, dtype=torch.int64)[:batch]
+    return images, sizes
+
+
+@contextmanager
+def quiet_export() -> Iterator[None]:
+    """Silence what torch says while tracing/exporting and that is not the user's business:
+    deprecation notices of ``torch.jit``/``torch.onnx`` and the tracer's warnings on shape-dependent Python
+    values (the exported file is checked against PyTorch instead). Other warnings still show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+        for legacy_onnx in ("You are using the legacy TorchScript-based ONNX export", "The feature will be removed"):
+            warnings.filterwarnings("ignore", legacy_onnx, DeprecationWarning)
+        warnings.filterwarnings("ignore", "# The axis name: .* will not be used", UserWarning)  # torch.export's Dim
+        yield
+
+
+def export_onnx(detector: nn.Module, path: str | Path, options: ExportOptions = ExportOptions()) -> Path:
+    """ONNX (opset 18) with dynamic batch, height and width, by torch.export (``dynamo``) or torch.onnx's
+    TorchScript-based exporter."""
+    wrapper, path = ExportWrapper(detector, options.size_divisor), Path(path)
+    example = examples(2 if options.dynamo else 1)
+    outputs = {name: {0: "batch", 1: "det"} for name in OUTPUT_NAMES}
+    with torch.no_grad(), quiet_export():
+        if options.dynamo:
+            batch = torch.export.Dim("batch", min=1)
+            dims = ({0: batch, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}, {0: batch})
+            program = torch.onnx.export(wrapper, example, dynamo=True, input_names=INPUT_NAMES,
+                                        output_names=OUTPUT_NAMES, dynamic_shapes=dims, opset_version=18,
+                                        external_data=False, verbose=False)
             program.save(str(path))
         else:
-            torch.onnx.export(wrapper, (example,), str(path), dynamo=False, input_names=["images"],
-                              output_names=OUTPUT_NAMES, opset_version=opset,
-                              dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, **dynamic})
+            torch.onnx.export(wrapper, example, str(path), dynamo=False, input_names=INPUT_NAMES,
+                              output_names=OUTPUT_NAMES, opset_version=18,
+                              dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                                            "image_sizes": {0: "batch"}, **outputs})
     return path
 
 
-def export_torchscript(detector: nn.Module, path: str | Path, example: Tensor | None = None) -> Path:
+def export_torchscript(detector: nn.Module, path: str | Path, options: ExportOptions = ExportOptions()) -> Path:
     """``torch.jit.trace`` of the wrapper (shape-dependent values are traced as tensors: dynamic B, H, W)."""
-    if example is None:
-        example = torch.randint(0, 256, (1, 3, 320, 352), dtype=torch.uint8)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer/deprecation notices: the result is checked by the caller
-        traced = torch.jit.trace(ExportWrapper(detector), (example,), check_trace=False)
+    with torch.no_grad(), quiet_export():
+        traced = torch.jit.trace(ExportWrapper(detector, options.size_divisor), examples(1),
+                                 check_trace=False)
     traced.save(str(path))
     return Path(path)
 
 
-def require(module: str) -> None:
+def load_onnx(path: Path) -> Runner:
+    """An onnxruntime session on the CPU as ``run(images, image_sizes) -> (boxes, scores, labels)``."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        outs = session.run(None, {"images": images.contiguous().numpy(), "image_sizes": image_sizes.numpy()})
+        return tuple(torch.from_numpy(o) for o in outs)  # type: ignore[return-value]
+
+    return run
+
+
+def load_torchscript(path: Path) -> Runner:
+    """A loaded TorchScript file as ``run(images, image_sizes) -> (boxes, scores, labels)``."""
+    with quiet_export():
+        module = torch.jit.load(str(path), map_location="cpu")
+
+    def run(images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        with torch.no_grad():
+            return module(images, image_sizes)
+
+    return run
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One ``--format``: its file suffix, the packages it needs (and the extra that brings them), how it
+    is written (``export(detector, path, options)``) and how a written file is run (``load(path)``)."""
+
+    suffix: str
+    extra: str
+    packages: Callable[[ExportOptions], tuple[str, ...]]
+    export: Callable[[nn.Module, Path, ExportOptions], Any]
+    load: Callable[[Path], Runner]
+
+
+FORMATS: dict[str, ExportFormat] = {
+    "onnx": ExportFormat(".onnx", "export", lambda o: ("onnx", "onnxruntime") + (("onnxscript",) if o.dynamo else ()),
+                         export_onnx, load_onnx),
+    "torchscript": ExportFormat(".pt", "export", lambda o: (), export_torchscript, load_torchscript),
+}
+
+
+def run_exported(path: Path, fmt: str, images: Tensor, image_sizes: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Run an exported file once on ``images`` (uint8 (B, 3, H, W); ``image_sizes`` (B, 2) defaults to
+    the batch's H, W for every image)."""
+    return FORMATS[fmt].load(Path(path))(images, full_sizes(images) if image_sizes is None else image_sizes)
+
+
+def require(module: str, extra: str = "export") -> None:
     """Import ``module`` or raise a :class:`ConfigError` saying which extra to install."""
     import importlib
 
     try:
         importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"export needs the '{module}' package: pip install \"detkit[export]\" "
-                          f"(onnx, onnxruntime, onnxscript)") from None
-
-
-def run_exported(path: Path, fmt: str, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Run an exported file on ``images`` (uint8 (B, 3, H, W)): onnxruntime on the CPU, or TorchScript."""
-    if fmt == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        outs = session.run(None, {"images": images.numpy()})
-        return tuple(torch.from_numpy(o) for o in outs)  # type: ignore[return-value]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        module = torch.jit.load(str(path), map_location="cpu")
-    with torch.no_grad():
-        return module(images)
+        raise ConfigError(f"export needs the '{module}' package: pip install \"detkit[{extra}]\"") from None
 
 
 def check_export_target(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
     """``out`` as a Path, refused (:class:`ConfigError`) when it is a folder or the checkpoint itself."""
     out, checkpoint = Path(out), Path(checkpoint)
-    suffix = ".onnx" if fmt == "onnx" else ".pt"
+    suffix = FORMATS[fmt].suffix
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give a file path such as {out / (checkpoint.stem + suffix)}")
     if out.resolve() == checkpoint.resolve() or (out.exists() and checkpoint.exists() and out.samefile(checkpoint)):
@@ -114,45 +196,49 @@ def check_export_target(checkpoint: str | Path, fmt: str, out: str | Path) -> Pa
     return out
 
 
-def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo: bool = True) -> dict[str, float]:
-    """Export ``checkpoint``'s inference weights to ``out`` and check the file against PyTorch eager on a
-    random 256x320 image: returns the max box / score differences and the file size (MiB).
+def write(fmt: str, detector: nn.Module, path: Path, options: ExportOptions) -> Runner:
+    """Export to ``path`` and load it back; any exporter/runtime error becomes one :class:`ExportError` line."""
+    try:
+        FORMATS[fmt].export(detector, path, options)
+        return FORMATS[fmt].load(path)
+    except Exception as err:  # the exporters raise many types; the first line says what went wrong
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ExportError(f"exporting to {fmt} failed ({type(err).__name__}: {reason})") from err
 
-    The file is written beside ``out`` and moved over it only once the check passed; an exporter error or a
-    failed check is an :class:`ExportError` and leaves an existing ``out`` as it was.
+
+def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo: bool = True) -> ParityReport:
+    """Export ``checkpoint``'s inference weights to ``out`` and check the file against ``predict``
+    (:func:`detkit.deploy.parity.check_parity`: several sizes and a padded batch, detections matched as sets).
+
+    The file is written to a temporary file beside ``out`` and moved over it only once the check passed; an
+    exporter error or a failed check is an :class:`ExportError` and leaves an existing ``out`` as it was.
     """
     from detkit.api import load_detector
 
-    if fmt not in ("onnx", "torchscript"):
-        raise ConfigError(f"--format must be onnx or torchscript, got {fmt!r}")
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = check_export_target(checkpoint, fmt, out)
-    if fmt == "onnx":
-        for module in ("onnx", "onnxruntime") + (("onnxscript",) if dynamo else ()):
-            require(module)
-    detector = load_detector(checkpoint, device="cpu").model
-    if fmt == "torchscript" and getattr(detector.head, "stride_from_input", False):
+    model = load_detector(checkpoint, device="cpu")
+    options = ExportOptions(size_divisor=model.size_divisor, dynamo=dynamo)
+    for module in FORMATS[fmt].packages(options):
+        require(module, FORMATS[fmt].extra)
+    if fmt == "torchscript" and getattr(model.model.head, "stride_from_input", False):
         raise ConfigError("--format torchscript: this head spaces points by the input size (stride_from_input), "
                           "which a trace freezes at one size; export to onnx instead")
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = f"{out} not written" + (" (the existing file is unchanged)" if out.exists() else "")
-    image = torch.randint(0, 256, (1, 3, 256, 320), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def write_again() -> Runner:  # the same export into a throw-away file (the check's lowered threshold)
+        with tempfile.TemporaryDirectory(dir=out.parent) as folder:
+            return write(fmt, model.model, Path(folder) / f"check{FORMATS[fmt].suffix}", options)
+
     with replaced_on_success(out) as tmp:
         try:
-            (export_onnx(detector, tmp, dynamo=dynamo) if fmt == "onnx" else export_torchscript(detector, tmp))
-            boxes, scores, labels = run_exported(tmp, fmt, image)
-        except Exception as err:  # the exporters raise many types; the first line says what went wrong
-            reason = (str(err).strip().splitlines() or [""])[0][:300]
-            raise ExportError(f"exporting {checkpoint} to {fmt} failed ({type(err).__name__}: {reason}); "
-                              f"{kept}") from err
-        with torch.no_grad():
-            ref = ExportWrapper(detector)(image)
-        check = {"box_diff": float((boxes - ref[0]).abs().max()), "score_diff": float((scores - ref[1]).abs().max()),
-                 "same_labels": bool(torch.equal(labels, ref[2]))}
-        if not (check["same_labels"] and check["box_diff"] < MAX_BOX_DIFF):
-            raise ExportError(f"the exported {fmt} file differs from PyTorch on a 256x320 image (max box difference "
-                              f"{check['box_diff']:.2g} px, labels {'equal' if check['same_labels'] else 'different'}"
-                              f"); {kept}")
-    return {**check, "mib": out.stat().st_size / 2 ** 20}
+            report = check_parity(model, write(fmt, model.model, tmp, options), write_again)
+        except (ExportError, ParityError) as err:
+            raise ExportError(f"{checkpoint} -> {fmt}: {err}; {kept}") from err
+    report.path, report.mib = out, out.stat().st_size / 2 ** 20
+    return report
 
 
 def bench_export(config: str | Path, size: int = 512, repeat: int = 20, threads: int = 2) -> list[dict[str, Any]]:
@@ -173,12 +259,13 @@ def bench_export(config: str | Path, size: int = 512, repeat: int = 20, threads:
     model = build_detector(load_config(config)["model"]).eval()
     image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as folder:
-        path = export_onnx(model, Path(folder) / "m.onnx")
+        path = export_onnx(model, Path(folder) / "m.onnx", ExportOptions(dynamo=False))
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         runs = {"pytorch eager predict": lambda: model.predict(image),
-                "onnxruntime (CPU)": lambda: session.run(None, {"images": image.numpy()})}
+                "onnxruntime (CPU)": lambda: session.run(None, {"images": image.numpy(),
+                                                                "image_sizes": full_sizes(image).numpy()})}
         times: dict[str, list[float]] = {k: [] for k in runs}
         with torch.no_grad():
             for _ in range(3):  # warm-up

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from detkit.api import DetectorModel
 from detkit.config import load_config
+from detkit.data.collate import collate_detection
 from detkit.engine.checkpoint import save_checkpoint
-from detkit.export import export_onnx, export_torchscript, run_exported
+from detkit.export import FORMATS, ExportOptions, full_sizes
 from detkit.models import build_detector
 from tests.detections import paired_max_diff
 
@@ -25,7 +27,7 @@ CONFIGS = {
     "gfl": (ROOT / "configs/gfl/gfl_r18_fpn_shapes.yaml", ["model.neck.out_channels=32", "model.head.feat_channels=32",
                                                            "model.head.num_convs=1"]),
 }
-SIZES = [(128, 128), (96, 160), (100, 150)]
+SIZES = [(100, 130), (90, 110), (70, 83)]  # (h, w), none a multiple of the model's size_divisor 32
 
 
 def spread_model(name: str) -> torch.nn.Module:
@@ -45,13 +47,13 @@ def spread_model(name: str) -> torch.nn.Module:
 
 def images() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=g) for h, w in SIZES]
+    return [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in SIZES]
 
 
-def assert_same_detections(exported: tuple, reference: dict) -> None:
-    """Same labels, boxes within 0.5 px and scores within 1e-3, detection by detection (paired: float
-    rounding may reorder near-tied scores)."""
-    boxes, scores, labels = (x[0] for x in exported)
+def assert_same_detections(exported: tuple, reference: dict, n: int = 0) -> None:
+    """Image ``n`` of the exported outputs has the same labels, boxes within 0.5 px and scores within 1e-3,
+    detection by detection (paired: float rounding may reorder near-tied scores)."""
+    boxes, scores, labels = (x[n] for x in exported)
     valid = labels >= 0
     box_diff, score_diff = paired_max_diff({"boxes": boxes[valid], "scores": scores[valid], "labels": labels[valid]},
                                            reference)
@@ -60,17 +62,22 @@ def assert_same_detections(exported: tuple, reference: dict) -> None:
 
 @pytest.mark.parametrize("name", ["fcos", "centernet", "gfl"])
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_exported_model_matches_pytorch_on_three_sizes(tmp_path, name, fmt):
-    model = spread_model(name)
+def test_exported_model_equals_predict_at_any_size_and_in_a_padded_batch(tmp_path, name, fmt):
+    """The graph pads to size_divisor and clips to each image's image_sizes row as predict does: the file
+    gives predict's detections for each image alone (unpadded) and for the three as one zero-padded batch."""
+    detector = DetectorModel(spread_model(name), load_config(*CONFIGS[name]), "abcd", torch.device("cpu"))
     path = tmp_path / f"model.{fmt}"
-    if fmt == "onnx":
-        export_onnx(model, path, dynamo=False)
-    else:
-        export_torchscript(model, path)
+    FORMATS[fmt].export(detector.model, path, ExportOptions(dynamo=False))
+    run = FORMATS[fmt].load(path)
     for image in images():
-        with torch.no_grad():
-            reference = model.predict(image)[0]
-        assert_same_detections(run_exported(path, fmt, image), reference)
+        assert_same_detections(run(image[None], full_sizes(image[None])), detector.predict(image, score_thr=0.0)[0])
+    expected = detector.predict(images(), score_thr=0.0)  # one batch, zero-padded to 128x160
+    batch = collate_detection([(image, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                                        "image_id": 0, "orig_size": image.shape[-2:]}) for image in images()], 1)
+    outputs = run(batch["images"], batch["image_sizes"])  # padded to the largest image only: the graph pads on
+    for n, reference in enumerate(expected):
+        assert_same_detections(outputs, reference, n)
+        assert bool((outputs[0][n, :, 2] <= SIZES[n][1]).all() and (outputs[0][n, :, 3] <= SIZES[n][0]).all())
 
 
 def test_export_cli_checks_the_file_it_writes(tmp_path):
@@ -81,5 +88,5 @@ def test_export_cli_checks_the_file_it_writes(tmp_path):
                            "--format", "onnx", "--legacy-exporter", "--out", str(tmp_path / "out/m.onnx")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "labels equal" in proc.stdout and (tmp_path / "out/m.onnx").is_file()
+    assert "detections matched" in proc.stdout and (tmp_path / "out/m.onnx").is_file()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["m.onnx"]  # no temporary file left

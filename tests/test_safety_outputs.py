@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import io
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -89,25 +90,27 @@ def test_a_failed_export_leaves_the_existing_out_as_it_was(checkpoint, detector,
     monkeypatch.setattr(detkit.api, "load_detector", lambda *args, **kwargs: detector)  # loaded once per module
     slots = load_config(FCOS_CFG)["model"]["head"]["max_per_img"]  # the exported outputs' fixed size
 
-    def partial_then_fail(detector, path):
+    def partial_then_fail(detector, path, options):
         Path(path).write_bytes(b"half a file")
         raise RuntimeError("the tracer gave up\nwith a long story")
 
-    def far_off(path, fmt, images):  # an exported file whose boxes are nowhere near PyTorch's
-        return torch.full((1, slots, 4), 1e4), torch.zeros(1, slots), torch.full((1, slots), -1)
+    def far_off(images, image_sizes):  # an exported file whose boxes are nowhere near PyTorch's
+        batch = len(images)
+        return torch.full((batch, slots, 4), 1e4), torch.full((batch, slots), 0.9), torch.zeros(batch, slots).long()
 
-    monkeypatch.setattr(detkit.export, "export_torchscript", partial_then_fail)
+    torchscript = detkit.export.FORMATS["torchscript"]
+    monkeypatch.setitem(detkit.export.FORMATS, "torchscript", replace(torchscript, export=partial_then_fail))
     code, err = export(checkpoint, out)
     assert code == 1
     assert_one_message(err, "to torchscript failed (RuntimeError: the tracer gave up)",
                        f"{out} not written (the existing file is unchanged)")
     assert snapshot(tmp_path) == {"m.pt": b"the previous export"}  # no temp file left
 
-    monkeypatch.setattr(detkit.export, "export_torchscript", lambda detector, path: Path(path).write_bytes(b"new"))
-    monkeypatch.setattr(detkit.export, "run_exported", far_off)
+    monkeypatch.setitem(detkit.export.FORMATS, "torchscript", replace(
+        torchscript, export=lambda detector, path, options: Path(path).write_bytes(b"new"), load=lambda path: far_off))
     code, err = export(checkpoint, out)
     assert code == 1
-    assert_one_message(err, "differs from PyTorch on a 256x320 image (max box difference 1e+04 px",
+    assert_one_message(err, "the exported file differs from PyTorch beyond float rounding", "extra",
                        f"{out} not written")
     assert snapshot(tmp_path) == {"m.pt": b"the previous export"}
 

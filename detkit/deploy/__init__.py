@@ -1,0 +1,1 @@
+"""Deployment: exported files checked against PyTorch (``parity``) and run by other runtimes."""
