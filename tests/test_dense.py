@@ -13,7 +13,8 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from detkit.assigners import ATSSAssigner, CenterNetAssigner
 from detkit.bench.references import per_image_atss_assign
-from detkit.models.gfl import DFL_MARGIN, GFLHead, integral
+from detkit.models.centernet import CenterNetHead, CenterNetOutputs
+from detkit.models.gfl import DFL_MARGIN, GFLHead, GFLOutputs, integral
 from detkit.ops import aligned_box_iou, bbox2distance, dense_points, distance2bbox
 from tests.test_assigners import cornernet_radius, draw_umich_gaussian, random_boxes
 
@@ -57,11 +58,11 @@ def test_gfl_loss_equals_positives_only_formulation():
     mask = torch.tensor([[True, True], [True, False]])
     got = head.loss(outputs, boxes, labels, mask)
 
-    priors = head.priors(outputs[0])
+    priors = head.priors(outputs.cls)
     assigned = head.assigner(priors, boxes, labels, mask, 3)
     b, p = assigned.positive.nonzero(as_tuple=True)
-    cls = torch.cat([m.permute(0, 2, 3, 1).reshape(2, -1, 3) for m in outputs[0]], 1)
-    dist = torch.cat([m.permute(0, 2, 3, 1).reshape(2, -1, 20) for m in outputs[1]], 1)
+    cls = torch.cat([m.permute(0, 2, 3, 1).reshape(2, -1, 3) for m in outputs.cls], 1)
+    dist = torch.cat([m.permute(0, 2, 3, 1).reshape(2, -1, 20) for m in outputs.distribution], 1)
     stride = priors.strides[p, None]
     centres = priors.points[p] / stride
     pred = distance2bbox(centres, integral(dist[b, p], 4))
@@ -94,7 +95,7 @@ def test_gfl_predict_decodes_the_expected_distance():
     cls[0, 1, 1, 0] = 5.0  # one confident point: class 1 at cell (row 1, col 0), centre (4, 12)
     dist = torch.full((1, 20, 2, 2), -20.0)
     dist[0, 2::5] = 20.0  # every side all mass on bin 2 -> 2 strides = 16 px
-    det = head.predict(([cls], [dist]), torch.tensor([[100, 100]]))[0]
+    det = head.predict(GFLOutputs(cls=[cls], distribution=[dist]), torch.tensor([[100, 100]]))[0]
     assert det["labels"].tolist() == [1]
     torch.testing.assert_close(det["boxes"], torch.tensor([[0.0, 0.0, 20.0, 28.0]]))  # clipped at 0
 
@@ -140,19 +141,18 @@ def test_cornernet_targets_equal_centernet_code_with_ceil_and_clip():
 
 
 def test_centernet_nms_iou_at_decode():
-    from detkit.models.centernet import CenterNetHead
-
     head = CenterNetHead(num_classes=1, in_channels=4, feat_channels=4, topk=10, score_thr=0.1)
     heat = torch.full((1, 1, 8, 8), -10.0)
     heat[0, 0, 2, 2], heat[0, 0, 2, 4] = 3.0, 2.0  # two peaks two cells apart, boxes 6 cells wide
     wh = torch.full((1, 2, 8, 8), 6.0)
     offset = torch.zeros(1, 2, 8, 8)
     sizes = torch.tensor([[32, 32]])
-    assert len(head.predict((heat, wh, offset), sizes)[0]["boxes"]) == 2
+    outputs = CenterNetOutputs(heatmap=heat, wh=wh, offset=offset)
+    assert len(head.predict(outputs, sizes)[0]["boxes"]) == 2
     head.nms_iou = 0.5
-    det = head.predict((heat, wh, offset), sizes)[0]
+    det = head.predict(outputs, sizes)[0]
     assert len(det["boxes"]) == 1 and det["scores"][0] == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item())
-    boxes, scores, labels = head.predict_padded((heat, wh, offset), sizes)
+    boxes, scores, labels = head.predict_padded(outputs, sizes)
     assert (scores > 0).sum() == 1 and labels[0, 1] == -1
 
 

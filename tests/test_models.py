@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from detkit.config import load_config
-from detkit.models import build_detector
+from detkit.models import CenterNetOutputs, FCOSOutputs, build_detector
 from detkit.models.weights import weights_enum
 from detkit.registry import ConfigError
 
@@ -127,10 +127,11 @@ def test_fcos_predict_decodes_a_known_point():
     ctr = [torch.full((1, 1, h, w), 20.0) for h, w in sizes]
     cls[1][0, 2, 1, 3] = 20.0  # level stride 16, row 1, col 3 -> point (56, 24)
     reg[1][0, :, 1, 3] = torch.tensor([1.0, 0.5, 0.25, 1.0])  # ltrb in stride units
-    det = model.head.predict((cls, reg, ctr), torch.tensor([[64, 64]]))[0]
+    outputs = FCOSOutputs(cls=cls, ltrb=reg, centerness=ctr)
+    det = model.head.predict(outputs, torch.tensor([[64, 64]]))[0]
     assert det["labels"].tolist() == [2] and det["scores"].item() == pytest.approx(1.0, abs=1e-6)
     torch.testing.assert_close(det["boxes"], torch.tensor([[40.0, 16.0, 60.0, 40.0]]))
-    det = model.head.predict((cls, reg, ctr), torch.tensor([[30, 58]]))[0]  # clipped to (h=30, w=58)
+    det = model.head.predict(outputs, torch.tensor([[30, 58]]))[0]  # clipped to (h=30, w=58)
     torch.testing.assert_close(det["boxes"], torch.tensor([[40.0, 16.0, 58.0, 30.0]]))
 
 
@@ -142,7 +143,7 @@ def test_fcos_nms_removes_duplicates_per_class_only():
     ctr = [torch.full((1, 1, h, w), 20.0) for h, w in sizes]
     cls[0][0, 0, 2, 2], cls[0][0, 0, 2, 3] = 3.0, 2.0  # two boxes 8 px apart (IoU 0.78), class 0
     cls[0][0, 1, 2, 2] = 1.0  # the same box as class 1 survives
-    det = model.head.predict((cls, reg, ctr), torch.tensor([[64, 64]]))[0]
+    det = model.head.predict(FCOSOutputs(cls=cls, ltrb=reg, centerness=ctr), torch.tensor([[64, 64]]))[0]
     assert sorted(det["labels"].tolist()) == [0, 1]
 
 
@@ -154,7 +155,7 @@ def test_centernet_predict_decodes_a_known_peak():
     wh[0, :, 5, 7] = torch.tensor([4.0, 2.0])
     offset = torch.zeros(1, 2, 16, 16)
     offset[0, :, 5, 7] = torch.tensor([0.5, 0.25])
-    det = model.head.predict((heat, wh, offset), torch.tensor([[64, 64]]))[0]
+    det = model.head.predict(CenterNetOutputs(heatmap=heat, wh=wh, offset=offset), torch.tensor([[64, 64]]))[0]
     assert det["labels"].tolist() == [1] and det["scores"].item() == pytest.approx(1 / (1 + math.exp(-5)))
     # centre ((7 + 0.5) * 4, (5 + 0.25) * 4) = (30, 21); size (16, 8)
     torch.testing.assert_close(det["boxes"], torch.tensor([[22.0, 17.0, 38.0, 25.0]]))
@@ -163,7 +164,8 @@ def test_centernet_predict_decodes_a_known_peak():
 def test_centernet_losses_match_the_seed_normalisation():
     model = build_detector(tiny_centernet())
     images, targets = batch()
-    heat, wh, off = model(images)
+    outputs = model(images)
+    heat, wh = outputs.heatmap, outputs.wh
     from detkit.models.detector import pad_targets
 
     boxes, labels, mask = pad_targets(targets, torch.device("cpu"))
@@ -173,7 +175,7 @@ def test_centernet_losses_match_the_seed_normalisation():
     gathered = feat.gather(1, t["index"].unsqueeze(-1).expand(-1, -1, 2))
     m = mask.unsqueeze(-1).expand_as(gathered).float()
     seed_wh = torch.nn.functional.l1_loss(gathered * m, t["wh"] * m, reduction="sum") / (m.sum() + 1e-4)
-    losses = model.head.loss((heat, wh, off), boxes, labels, mask)
+    losses = model.head.loss(outputs, boxes, labels, mask)
     assert losses["wh"].item() == pytest.approx(0.1 * seed_wh.item(), rel=1e-4)
     assert num == 3
 

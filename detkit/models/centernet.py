@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,16 @@ CENTERNET_LOSSES = {
 }
 
 
+class CenterNetOutputs(NamedTuple):
+    """CenterNet head outputs on its one stride-``stride`` map: ``heatmap (B, C, H, W)`` logits,
+    ``wh (B, 2, H, W)`` box width and height and ``offset (B, 2, H, W)`` the centre's sub-cell
+    (x, y) offset, both in stride units."""
+
+    heatmap: Tensor
+    wh: Tensor
+    offset: Tensor
+
+
 def branch(in_channels: int, feat_channels: int, out_channels: int) -> nn.Sequential:
     """3x3 conv -> ReLU -> 1x1 conv, CenterNet's output branch."""
     return nn.Sequential(nn.Conv2d(in_channels, feat_channels, 3, padding=1), nn.ReLU(inplace=True),
@@ -41,7 +51,7 @@ class CenterNetHead(DetectionHead):
         assigner: assigner spec (stride filled in). losses: ``{heatmap, wh, offset}`` specs.
         topk, score_thr: inference (peaks kept per image, minimum score). nms_iou: class-aware NMS of
             the peaks at this IoU (null: none, CenterNet's own decoding; the 3x3 peak test is its NMS).
-    Forward: ``[(B, in_channels, H, W)]`` -> ``(heatmap (B, C, H, W) logits, wh (B, 2, H, W), offset (B, 2, H, W))``.
+    Forward: ``[(B, in_channels, H, W)]`` -> :class:`CenterNetOutputs`.
     """
 
     def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 64, stride: int = 4,
@@ -64,36 +74,34 @@ class CenterNetHead(DetectionHead):
         self.topk, self.score_thr = positive_int(topk, "topk"), score_thr
         self.nms_iou, self.max_per_img = nms_iou, self.topk
 
-    def forward(self, feats: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, feats: Sequence[Tensor]) -> CenterNetOutputs:
         x = feats[-1]
-        return self.heatmap(x), self.wh(x), self.offset(x)
+        return CenterNetOutputs(self.heatmap(x), self.wh(x), self.offset(x))
 
-    def loss(self, outputs: tuple[Tensor, Tensor, Tensor], gt_boxes: Tensor, gt_labels: Tensor,
+    def loss(self, outputs: CenterNetOutputs, gt_boxes: Tensor, gt_labels: Tensor,
              gt_mask: Tensor) -> dict[str, Tensor]:
         """Weighted terms; heatmap normalised by the number of objects, wh/offset by 2x that (per coordinate)."""
-        heatmap, wh, offset = outputs
-        t = self.assigner(gt_boxes, gt_labels, gt_mask, self.num_classes, tuple(heatmap.shape[-2:]))
+        t = self.assigner(gt_boxes, gt_labels, gt_mask, self.num_classes, tuple(outputs.heatmap.shape[-2:]))
         weight = t["mask"].float()
         num_obj = reduce_mean(weight.sum()).clamp(min=1.0)
         return {
-            **self.losses("heatmap", heatmap, t["heatmap"], avg_factor=num_obj),
-            **self.losses("wh", gather_cells(wh, t["index"]), t["wh"], weight=weight, avg_factor=2 * num_obj),
-            **self.losses("offset", gather_cells(offset, t["index"]), t["offset"], weight=weight,
+            **self.losses("heatmap", outputs.heatmap, t["heatmap"], avg_factor=num_obj),
+            **self.losses("wh", gather_cells(outputs.wh, t["index"]), t["wh"], weight=weight, avg_factor=2 * num_obj),
+            **self.losses("offset", gather_cells(outputs.offset, t["index"]), t["offset"], weight=weight,
                           avg_factor=2 * num_obj),
         }
 
     @torch.no_grad()
-    def decode(self, outputs: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def decode(self, outputs: CenterNetOutputs) -> tuple[Tensor, Tensor, Tensor]:
         """Top-k 3x3 peaks per image -> dense ``boxes (B, K, 4)`` input pixels, ``scores (B, K)``, ``labels (B, K)``."""
-        heatmap, wh, offset = outputs
-        height, width = heatmap.shape[-2:]
-        heat = heatmap.float().sigmoid()
+        height, width = outputs.heatmap.shape[-2:]
+        heat = outputs.heatmap.float().sigmoid()
         peaks = (heat * (F.max_pool2d(heat, 3, stride=1, padding=1) == heat)).flatten(1)
         scores, index = peaks.topk(topk_min(peaks, self.topk, 1), dim=1)  # (B, K)
         labels = torch.div(index, height * width, rounding_mode="floor")
         cell = index - labels * (height * width)  # not `%`: a shape-valued modulo fails the dynamo ONNX exporter
-        size = gather_cells(wh.float(), cell)
-        shift = gather_cells(offset.float(), cell)
+        size = gather_cells(outputs.wh.float(), cell)
+        shift = gather_cells(outputs.offset.float(), cell)
         row = torch.div(cell, width, rounding_mode="floor")
         cx = ((cell - row * width).float() + shift[..., 0]) * self.stride
         cy = (row.float() + shift[..., 1]) * self.stride

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +46,26 @@ def conv_tower(in_channels: int, channels: int, num_convs: int, norm: str | None
     return nn.Sequential(*layers)
 
 
+#: A field of a dense head's outputs: the per-level maps ``[(B, K, H_l, W_l)]`` finest first (``forward``),
+#: or one level's map ``(B, K, H, W)`` (``forward_level``, ``level_scores``, ``level_distances``).
+LevelMaps = Union[list[Tensor], Tensor]
+
+
+class DenseOutputs(Protocol):
+    """What :class:`DenseHead` reads of its subclass's outputs (a ``NamedTuple`` of :data:`LevelMaps`,
+    e.g. ``FCOSOutputs``): the class logits ``cls`` ``(B, C, H_l, W_l)`` and the fields in order."""
+
+    @property
+    def cls(self) -> LevelMaps: ...
+
+    def __iter__(self) -> Iterator[LevelMaps]: ...
+
+
+def split_levels(outputs: DenseOutputs) -> list[DenseOutputs]:
+    """A head's outputs with per-level lists -> one outputs of the same type per level (its maps)."""
+    return [type(outputs)(*maps) for maps in zip(*outputs)]
+
+
 def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
     """Per-level ``(B, K, H_l, W_l)`` -> ``(B, sum_l H_l W_l, K)``, finest level first."""
     return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, m.shape[1]) for m in maps], dim=1)
@@ -54,7 +74,8 @@ def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
 class DenseHead(DetectionHead):
     """Shared cls/reg towers over FPN levels, a learnable ``Scale`` per level, point priors, decoding.
 
-    Subclasses add their output convs, call :meth:`init_weights`, and give ``forward_level``,
+    Subclasses add their output convs, call :meth:`init_weights`, and give ``forward_level`` (one
+    level's outputs as a ``NamedTuple`` whose first field is ``cls``, the class logits ``(B, C, H, W)``),
     ``loss``, ``level_scores`` and ``level_distances``; :meth:`decode` keeps the top ``nms_pre``
     (point, class) pairs per level and turns them into boxes.
 
@@ -89,16 +110,17 @@ class DenseHead(DetectionHead):
                     nn.init.zeros_(m.bias)
         nn.init.constant_(cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def forward_level(self, cls_feat: Tensor, reg_feat: Tensor, scale: Scale) -> tuple[Tensor, ...]:
-        """One level's outputs from the two towers' features ``(B, feat_channels, H, W)``."""
+    def forward_level(self, cls_feat: Tensor, reg_feat: Tensor, scale: Scale) -> DenseOutputs:
+        """One level's outputs (the head's ``NamedTuple`` of maps) from the two towers' features
+        ``(B, feat_channels, H, W)``."""
         raise NotImplementedError
 
-    def forward(self, feats: Sequence[Tensor]) -> tuple[list[Tensor], ...]:
-        """FPN maps -> per output, the list of its per-level maps."""
+    def forward(self, feats: Sequence[Tensor]) -> DenseOutputs:
+        """FPN maps -> the head's outputs ``NamedTuple``, each field the list of its per-level maps."""
         if len(feats) != len(self.strides):
             raise ValueError(f"{type(self).__name__} has {len(self.strides)} strides but got {len(feats)} feature maps")
         levels = [self.forward_level(self.cls_tower(f), self.reg_tower(f), s) for f, s in zip(feats, self.scales)]
-        return tuple(list(maps) for maps in zip(*levels))
+        return type(levels[0])(*(list(maps) for maps in zip(*levels)))
 
     def _input_size(self, sizes: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
         if not self.stride_from_input:
@@ -110,35 +132,34 @@ class DenseHead(DetectionHead):
         sizes = [tuple(m.shape[-2:]) for m in level_maps]
         return dense_points(sizes, self.strides, level_maps[0].device, self.point_offset, self._input_size(sizes))
 
-    def level_scores(self, maps: tuple[Tensor, ...]) -> Tensor:
+    def level_scores(self, maps: DenseOutputs) -> Tensor:
         """One level's class probabilities ``(B, C, H, W)`` float32 from its outputs ``maps``."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def dense_scores(self, outputs: tuple[list[Tensor], ...]) -> Tensor:
+    def dense_scores(self, outputs: DenseOutputs) -> Tensor:
         """Every prior's inference scores ``(B, P, C)`` float32, detached: what the dynamic assigners rank."""
-        return flatten_levels([self.level_scores(maps) for maps in zip(*outputs)])
+        return flatten_levels([self.level_scores(maps) for maps in split_levels(outputs)])
 
     def set_epoch(self, epoch: int) -> None:
         """Passes the number of finished epochs (the trainer's SetEpochHook) to the assigner."""
         if isinstance(self.assigner, DenseAssigner):  # a registered assigner of your own may not derive from it
             self.assigner.set_epoch(epoch)
 
-    def level_distances(self, maps: tuple[Tensor, ...], point: Tensor, stride: int) -> Tensor:
+    def level_distances(self, maps: DenseOutputs, point: Tensor, stride: int) -> Tensor:
         """ltrb distances ``(B, K, 4)`` in pixels at flat cells ``point (B, K)`` of one level."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def decode(self, outputs: tuple[list[Tensor], ...]) -> tuple[Tensor, Tensor, Tensor]:
+    def decode(self, outputs: DenseOutputs) -> tuple[Tensor, Tensor, Tensor]:
         """Top ``nms_pre`` (point, class) pairs per level -> ``boxes (B, K, 4)``, ``scores (B, K)``,
         ``labels (B, K)``. No data-dependent Python control flow: traceable and exportable."""
-        first = outputs[0]
-        batch = first[0].shape[0]
-        sizes = [tuple(m.shape[-2:]) for m in first]
+        batch = outputs.cls[0].shape[0]
+        sizes = [tuple(m.shape[-2:]) for m in outputs.cls]
         all_boxes, all_scores, all_labels = [], [], []
         steps = grid_steps(sizes, self.strides, self._input_size(sizes))
-        for maps, stride, (sy, sx) in zip(zip(*outputs), self.strides, steps):
-            w = maps[0].shape[-1]
+        for maps, stride, (sy, sx) in zip(split_levels(outputs), self.strides, steps):
+            w = maps.cls.shape[-1]
             # fp32 scores even under autocast: bf16 keeps 3 digits, too coarse to rank for COCO AP
             scores = self.level_scores(maps).permute(0, 2, 3, 1).reshape(batch, -1)
             scores, index = scores.topk(topk_min(scores, self.nms_pre, 1), dim=1)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from torch import Tensor, nn
 
 from detkit.assigners.fcos import DEFAULT_RANGES, INF, fcos_targets
 from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
-from detkit.models.dense_head import DenseHead, flatten_levels
+from detkit.models.dense_head import DenseHead, LevelMaps, flatten_levels
 from detkit.models.detector import Detector
 from detkit.ops.boxes import distance2bbox, gather_cells, ltrb_to_boxes
 from detkit.registry import DETECTORS, HEADS
@@ -21,6 +21,16 @@ FCOS_LOSSES = {
     "bbox": {"type": "GIoULoss", "loss_weight": 1.0},
     "centerness": {"type": "CrossEntropyLoss", "use_sigmoid": True, "loss_weight": 1.0},
 }
+
+
+class FCOSOutputs(NamedTuple):
+    """FCOS head outputs, per level (finest first) or of one level: ``cls (B, C, H_l, W_l)`` class
+    logits; ``ltrb (B, 4, H_l, W_l)`` float32 distances to the box sides, non-negative, in stride units
+    when ``norm_on_bbox`` (else pixels); ``centerness (B, 1, H_l, W_l)`` logits."""
+
+    cls: LevelMaps
+    ltrb: LevelMaps
+    centerness: LevelMaps
 
 
 def default_ranges(num_levels: int) -> list[tuple[float, float]]:
@@ -42,8 +52,7 @@ class FCOSHead(DenseHead):
             SimOTAAssigner and TaskAlignedAssigner work too: they get ``preds``, the inference scores
             ``sqrt(sigmoid(cls) * sigmoid(centerness))`` and decoded pixel boxes, detached);
         losses: ``{cls, bbox, centerness}`` specs (each a spec or a list of specs, summed and logged separately).
-    Forward: FPN maps -> ``(cls (B, C, H_l, W_l), bbox (B, 4, H_l, W_l), centerness (B, 1, H_l, W_l))``
-    lists; ``bbox`` is non-negative ltrb in stride units when ``norm_on_bbox``, pixels otherwise.
+    Forward: FPN maps -> :class:`FCOSOutputs` of per-level lists.
     """
 
     def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256, num_convs: int = 4,
@@ -65,17 +74,15 @@ class FCOSHead(DenseHead):
         self.init_weights(self.cls_out, prior_prob)
         self.losses = LossTerms(losses if losses is not None else FCOS_LOSSES, FCOS_TERMS)
 
-    def forward_level(self, cls_feat: Tensor, reg_feat: Tensor, scale: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_level(self, cls_feat: Tensor, reg_feat: Tensor, scale: nn.Module) -> FCOSOutputs:
         reg = scale(self.reg_out(reg_feat)).float()
         ctr = self.ctr_out(reg_feat if self.centerness_on_reg else cls_feat)
-        return self.cls_out(cls_feat), reg.clamp(min=0) if self.norm_on_bbox else reg.exp(), ctr
+        return FCOSOutputs(self.cls_out(cls_feat), reg.clamp(min=0) if self.norm_on_bbox else reg.exp(), ctr)
 
-    def loss(self, outputs: tuple[list[Tensor], list[Tensor], list[Tensor]], gt_boxes: Tensor, gt_labels: Tensor,
-             gt_mask: Tensor) -> dict[str, Tensor]:
+    def loss(self, outputs: FCOSOutputs, gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor) -> dict[str, Tensor]:
         """Weighted loss terms for padded GT ``boxes (B, G, 4)``, ``labels (B, G)``, ``mask (B, G)``."""
-        cls_scores, bbox_preds, centernesses = outputs
-        priors = self.priors(cls_scores)
-        reg = flatten_levels(bbox_preds)  # (B, P, 4)
+        priors = self.priors(outputs.cls)
+        reg = flatten_levels(outputs.ltrb)  # (B, P, 4)
         preds = None
         if getattr(self.assigner, "needs_preds", False):  # (B, P, C) scores and decoded boxes cost a step time
             pixels = reg.detach() * priors.strides.view(1, -1, 1) if self.norm_on_bbox else reg.detach()
@@ -85,8 +92,8 @@ class FCOSHead(DenseHead):
         ltrb, ctr_target = fcos_targets(priors.points, assigned)
         if self.norm_on_bbox:
             ltrb = ltrb / priors.strides.view(1, -1, 1)
-        cls = flatten_levels(cls_scores)  # (B, P, C)
-        ctr = flatten_levels(centernesses).squeeze(-1)  # (B, P)
+        cls = flatten_levels(outputs.cls)  # (B, P, C)
+        ctr = flatten_levels(outputs.centerness).squeeze(-1)  # (B, P)
         num_pos = reduce_mean(positive.sum().float()).clamp(min=1.0)
         ctr_denom = reduce_mean(ctr_target.sum()).clamp(min=1e-6)
         # Box and centerness terms run over every point with zero weight on negatives: no
@@ -97,12 +104,11 @@ class FCOSHead(DenseHead):
             **self.losses("centerness", ctr, ctr_target, weight=positive.float(), avg_factor=num_pos),
         }
 
-    def level_scores(self, maps: tuple[Tensor, ...]) -> Tensor:
-        cls, _, ctr = maps
-        return (cls.float().sigmoid() * ctr.float().sigmoid()).sqrt()
+    def level_scores(self, maps: FCOSOutputs) -> Tensor:
+        return (maps.cls.float().sigmoid() * maps.centerness.float().sigmoid()).sqrt()
 
-    def level_distances(self, maps: tuple[Tensor, ...], point: Tensor, stride: int) -> Tensor:
-        ltrb = gather_cells(maps[1].float(), point)
+    def level_distances(self, maps: FCOSOutputs, point: Tensor, stride: int) -> Tensor:
+        ltrb = gather_cells(maps.ltrb.float(), point)
         return ltrb * stride if self.norm_on_bbox else ltrb
 
 

@@ -8,7 +8,7 @@ other: with ``TaskAlignedAssigner`` (TOOD's assignment) the quality target is it
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
-from detkit.models.dense_head import DenseHead, flatten_levels
+from detkit.models.dense_head import DenseHead, LevelMaps, flatten_levels
 from detkit.models.detector import Detector
 from detkit.ops.boxes import aligned_box_iou, bbox2distance, distance2bbox, gather_cells
 from detkit.registry import DETECTORS, HEADS, positive_int
@@ -30,6 +30,15 @@ GFL_LOSSES = {
 }
 #: DFL targets stop this far below ``reg_max`` (mmdetection's ``DistancePointBBoxCoder`` eps).
 DFL_MARGIN = 0.1
+
+
+class GFLOutputs(NamedTuple):
+    """GFL head outputs, per level (finest first) or of one level: ``cls (B, C, H_l, W_l)`` joint
+    class-and-quality logits; ``distribution (B, 4 (reg_max + 1), H_l, W_l)`` float32 logits of each
+    side's distance over ``0..reg_max`` strides (sides l, t, r, b in turn)."""
+
+    cls: LevelMaps
+    distribution: LevelMaps
 
 
 def integral(distribution: Tensor, reg_max: int) -> Tensor:
@@ -53,7 +62,7 @@ class GFLHead(DenseHead):
             ``(labels, IoU)``; bbox a box loss on the decoded boxes (stride units); dfl
             DistributionFocalLoss. bbox and dfl are weighted per point by its predicted score and
             normalised by the sum of those weights, as in the paper.
-    Forward: FPN maps -> ``(cls (B, C, H_l, W_l), distribution (B, 4 (reg_max + 1), H_l, W_l))`` lists.
+    Forward: FPN maps -> :class:`GFLOutputs` of per-level lists.
     """
 
     def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256, num_convs: int = 4,
@@ -71,16 +80,14 @@ class GFLHead(DenseHead):
         self.init_weights(self.cls_out, prior_prob)
         self.losses = LossTerms(losses if losses is not None else GFL_LOSSES, GFL_TERMS)
 
-    def forward_level(self, cls_feat: Tensor, reg_feat: Tensor, scale: nn.Module) -> tuple[Tensor, Tensor]:
-        return self.cls_out(cls_feat), scale(self.reg_out(reg_feat)).float()
+    def forward_level(self, cls_feat: Tensor, reg_feat: Tensor, scale: nn.Module) -> GFLOutputs:
+        return GFLOutputs(self.cls_out(cls_feat), scale(self.reg_out(reg_feat)).float())
 
-    def loss(self, outputs: tuple[list[Tensor], list[Tensor]], gt_boxes: Tensor, gt_labels: Tensor,
-             gt_mask: Tensor) -> dict[str, Tensor]:
+    def loss(self, outputs: GFLOutputs, gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor) -> dict[str, Tensor]:
         """Weighted loss terms for padded GT ``boxes (B, G, 4)``, ``labels (B, G)``, ``mask (B, G)``."""
-        cls_scores, distributions = outputs
-        priors = self.priors(cls_scores)
-        cls = flatten_levels(cls_scores)  # (B, P, C)
-        dist = flatten_levels(distributions)  # (B, P, 4 (n + 1))
+        priors = self.priors(outputs.cls)
+        cls = flatten_levels(outputs.cls)  # (B, P, C)
+        dist = flatten_levels(outputs.distribution)  # (B, P, 4 (n + 1))
         stride = priors.strides.view(-1, 1)
         points = priors.points / stride  # (P, 2), stride units: every level's boxes on one scale
         pred_boxes = distance2bbox(points, integral(dist, self.reg_max))  # (B, P, 4)
@@ -108,11 +115,11 @@ class GFLHead(DenseHead):
                           avg_factor=4 * weight_sum),
         }
 
-    def level_scores(self, maps: tuple[Tensor, ...]) -> Tensor:
-        return maps[0].float().sigmoid()
+    def level_scores(self, maps: GFLOutputs) -> Tensor:
+        return maps.cls.float().sigmoid()
 
-    def level_distances(self, maps: tuple[Tensor, ...], point: Tensor, stride: int) -> Tensor:
-        return integral(gather_cells(maps[1], point), self.reg_max) * stride
+    def level_distances(self, maps: GFLOutputs, point: Tensor, stride: int) -> Tensor:
+        return integral(gather_cells(maps.distribution, point), self.reg_max) * stride
 
 
 @DETECTORS.register()

@@ -68,10 +68,11 @@ class HealthProbe:
             training = self.model.training
             self.model.eval()  # SyncBatchNorm in train mode refuses a tensor that is not on a GPU
             try:
-                first = functional_call(self.model, state, (image,))[0]  # per-level list (dense) or one map
+                outputs = functional_call(self.model, state, (image,))
             finally:
                 self.model.train(training)
-            self._sizes[(height, width)] = [tuple(m.shape[-2:]) for m in (first if self.dense else [first])]
+            maps = outputs.cls if self.dense else [outputs.heatmap]
+            self._sizes[(height, width)] = [tuple(m.shape[-2:]) for m in maps]
         return self._sizes[(height, width)]
 
     @torch.no_grad()
