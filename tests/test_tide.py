@@ -12,7 +12,7 @@ from pycocotools.cocoeval import COCOeval
 from detkit.analysis import AnalysisError
 from detkit.analysis.tide import AREAS, ERRORS, tide_errors
 from detkit.analysis.tide_plot import write_tide
-from detkit.data.annotations import index_coco
+from detkit.data.annotations import DatasetError, index_coco
 
 A, B = 1, 2  # category ids of classes "a" and "b"
 
@@ -134,6 +134,8 @@ def test_bad_input_is_one_message():
         tide_errors(gt, [det(9, BOX1, 0.9)])
     with pytest.raises(AnalysisError, match="bg_iou < fg_iou"):
         tide_errors(gt, [], fg_iou=0.1, bg_iou=0.5)
+    with pytest.raises(DatasetError, match="the ground truth: not a COCO detection file: no 'categories' list"):
+        tide_errors({"images": []}, [])
 
 
 def test_write_tide(tmp_path):

@@ -16,7 +16,9 @@ applied alone to the base result: Cls and Loc turn the error into a true positiv
 class at its own score, if that box is unmatched and this is the highest-scoring Cls/Loc error on it
 (the others on it are removed); Both, Dupl and Bkg remove the detection; Miss removes the box from the
 ground truth. dAP = AP50 after the fix - AP50 before. Per size, pycocotools' area rules apply to the
-fixed result too: a fix onto a box outside the size range is ignored there, as a match to it would be.
+fixed result too: a fix onto a box outside the size range is ignored there, as a match to it would be,
+and an unmatched detection outside the range (which COCO ignores there) counts there once a Cls/Loc fix
+matches it to a box inside the range.
 """
 
 from __future__ import annotations
@@ -95,9 +97,11 @@ def tide_errors(coco_gt: COCO | dict, detections: Sequence[dict[str, Any]], imag
     ``image_ids`` (default: every image of ``coco_gt``). Bad input raises :class:`AnalysisError`."""
     if not 0.0 <= bg_iou < fg_iou <= 1.0:
         raise AnalysisError(f"TIDE thresholds need 0 <= bg_iou < fg_iou <= 1, got bg_iou={bg_iou}, fg_iou={fg_iou}")
-    if not isinstance(coco_gt, COCO):  # pycocotools writes 'ignore' into the annotations: index a copy
-        coco_gt = index_coco({**coco_gt, "annotations": [dict(a) for a in coco_gt.get("annotations", [])]},
-                             "the ground truth")
+    if isinstance(coco_gt, dict):  # pycocotools writes 'ignore' into the annotations: index a copy
+        coco_gt = {**coco_gt, "annotations": [dict(a) if isinstance(a, dict) else a
+                                              for a in coco_gt.get("annotations", [])]}
+    if not isinstance(coco_gt, COCO):
+        coco_gt = index_coco(coco_gt, "the ground truth")  # DatasetError naming what is wrong
     ids = sorted({int(i) for i in (coco_gt.getImgIds() if image_ids is None else image_ids)})
     if not ids:  # pycocotools reads an empty image list as every image
         raise AnalysisError("no images to analyse: the ground truth has none, or image_ids is empty")
