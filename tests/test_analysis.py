@@ -1,6 +1,6 @@
 """Evaluation diagnostics: PR-curve data against pycocotools' precision array, the confusion matrix on
-a hand-made case, EvalHook's eval_epoch_N/ and results.png in a tiny run, tools/analyze.py and
-tools/eval.py in-process, and their error paths."""
+a hand-made case, EvalHook's eval_epoch_N/ and results.png in a tiny run, the analyze and
+eval commands in process, and their error paths."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from detkit.analysis.cli import analyze_main, eval_main
 from detkit.analysis.confusion import (
     confusion_matrix,
     lowest_recall,
@@ -20,6 +19,7 @@ from detkit.analysis.confusion import (
     row_normalized,
 )
 from detkit.analysis.pr_curves import pr_curve_data
+from detkit.cli import main
 from detkit.engine.evaluator import run_cocoeval, summarize
 from tests.cli_runner import run_main, tiny_shapes
 
@@ -125,23 +125,23 @@ def test_eval_hook_writes_the_report_and_results_png(tiny_run):
 def test_analyze_curves_overlays_runs_and_names_bad_input(tiny_run, tmp_path, capsys):
     work = str(tiny_run / "work")
     out = tmp_path / "curves.png"
-    assert analyze_main(["curves", work, work, "--keys", "bbox", "total", "AP", "--out", str(out)]) == 0
+    assert main(["analyze", "curves", work, work, "--keys", "bbox", "total", "AP", "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
-    assert analyze_main(["curves", work, "--keys", "bbx"]) == 2
+    assert main(["analyze", "curves", work, "--keys", "bbx"]) == 2
     assert "unknown key 'bbx'. Did you mean 'bbox'?" in capsys.readouterr().err
-    assert analyze_main(["curves", str(tmp_path / "missing")]) == 2
+    assert main(["analyze", "curves", str(tmp_path / "missing")]) == 2
     assert "run folder not found" in capsys.readouterr().err
-    assert analyze_main(["curves", str(tmp_path)]) == 2
+    assert main(["analyze", "curves", str(tmp_path)]) == 2
     assert "has no metrics.jsonl" in capsys.readouterr().err
     (tmp_path / "metrics.jsonl").write_text("")
-    assert analyze_main(["curves", str(tmp_path)]) == 2
+    assert main(["analyze", "curves", str(tmp_path)]) == 2
     assert "holds no train or eval records" in capsys.readouterr().err
 
 
 def test_analyze_dataset_counts_what_the_annotations_hold(tiny_run, tmp_path, capsys):
     args = ["dataset", "--config", str(FCOS_CFG), "--split", "val", "--out", str(tmp_path), "--set",
             *tiny_shapes(tiny_run / "data")]
-    assert analyze_main(args) == 0
+    assert main(["analyze", *args]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((tmp_path / "dataset_val.json").read_text())
     jsons = [json.loads(p.read_text()) for p in (tiny_run / "data").rglob("*.json")]
@@ -152,17 +152,17 @@ def test_analyze_dataset_counts_what_the_annotations_hold(tiny_run, tmp_path, ca
     assert summary["classes"] == expected and summary["images"] == 2
     assert summary["boxes_per_image"]["min"] == min(per_image) and summary["boxes_per_image"]["max"] == max(per_image)
     assert f"{sum(expected.values())} boxes" in printed and (tmp_path / "dataset_val.png").is_file()
-    assert analyze_main(["dataset", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert main(["analyze", "dataset", "--config", str(tmp_path / "none.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
 
 
 def test_eval_tool_writes_the_report_and_show_dir(tiny_run, tmp_path, capsys):
     args = ["--checkpoint", str(tiny_run / "work/model_final.pth"), "--work-dir", str(tmp_path / "ev"),
             "--device", "cpu", "--show-dir", str(tmp_path / "show"), "--set", *tiny_shapes(tiny_run / "data")]
-    assert eval_main(args) == 0
+    assert main(["eval", *args]) == 0
     assert (tmp_path / "ev/confusion_matrix.png").is_file() and (tmp_path / "ev/results.json").is_file()
     drawn = sorted(p.name for p in (tmp_path / "show").rglob("*.png"))
     assert len(drawn) == 2 and all(name.endswith(".png.png") for name in drawn)
     capsys.readouterr()
-    assert eval_main(["--checkpoint", str(tmp_path / "missing.pth"), "--show-dir", str(tmp_path / "s2")]) != 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing.pth"), "--show-dir", str(tmp_path / "s2")]) != 0
     assert "missing.pth" in capsys.readouterr().err and not (tmp_path / "s2").exists()

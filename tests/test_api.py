@@ -186,7 +186,7 @@ def test_batchnorm_folding_keeps_the_outputs():
 def test_infer_finds_images_in_linked_folders_and_any_suffix_case(tmp_path):
     """``infer``'s folder search is the datasets' (``data.files.find_files``): ``A.JPG`` and a linked
     sub-folder are inputs, a link loop ends."""
-    from detkit.engine.inference import expand_image_paths
+    from detkit.infer import expand_image_paths
 
     shared, data = tmp_path / "shared", tmp_path / "data"
     image_files(shared, [(20, 20)])

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from detkit.analysis.cli import analyze_main
 from detkit.assigners import ATSSAssigner, CenterNetAssigner, DenseAssigner, FCOSAssigner
 from detkit.assigners.health import HealthAccumulator, assigner_health, centernet_health
+from detkit.cli import main
 from detkit.config import load_config
 from detkit.data.loader import build_dataloader
 from detkit.engine.hooks import build_hooks
@@ -146,7 +146,7 @@ def test_hook_is_built_in_with_diagnostics_and_writes_health_after_an_evaluation
     out = tmp_path / "stats"
     args = ["dataset", "--config", str(ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"), "--out", str(out),
             "--set", *tiny_shapes(data)]
-    assert analyze_main(args) == 0
+    assert main(["analyze", *args]) == 0
     printed = capsys.readouterr().out
     written = json.loads((out / "dataset_train.json").read_text())
     summary = written["assigner_health"]

@@ -257,11 +257,11 @@ def test_eval_tool_report_covers_only_the_classes_the_evaluation_scored(shapes_c
     """``tools/eval.py``'s report (per-class AP, PR curves) uses the same class match as the metrics:
     a checkpoint of [square, circle, x, y] on the four-shape val set reports circle and square only
     (before, its per_class_ap.json listed triangle and star, which the evaluation had left out)."""
-    from detkit.analysis.cli import eval_main
+    from detkit.cli import main
 
     ckpt, val = shapes_ckpt
     state = load_checkpoint(ckpt)
     save_checkpoint({**state, "classes": ["square", "circle", "x", "y"]}, tmp_path / "renamed.pth")
-    assert eval_main(["--checkpoint", str(tmp_path / "renamed.pth"), "--set", *val]) == 0
+    assert main(["eval", "--checkpoint", str(tmp_path / "renamed.pth"), "--set", *val]) == 0
     table = json.loads((tmp_path / "eval_renamed" / "per_class_ap.json").read_text())
     assert sorted(row["class"] for row in table["classes"]) == ["circle", "square"]

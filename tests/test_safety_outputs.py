@@ -17,8 +17,8 @@ from torchvision.io import write_png
 
 import detkit.api
 import detkit.export
-from detkit.analysis.cli import analyze_main, eval_main
 from detkit.api import DetectorModel, load_detector
+from detkit.cli import main
 from detkit.config import load_config
 from detkit.data import build_dataset
 from detkit.engine.checkpoint import save_checkpoint
@@ -184,7 +184,7 @@ def test_eval_show_dir_is_checked_before_the_evaluation(checkpoint, tmp_path):
                               (image_dir / "show", "is inside the dataset's image folder"),
                               (afile, f"{afile} is a file; give a folder"),
                               (afile / "sub", f"{afile} is a file; give a folder")]:
-        code, err = captured(eval_main, ["--checkpoint", str(checkpoint), "--device", "cpu", "--show-dir",
+        code, err = captured(main, ["eval", "--checkpoint", str(checkpoint), "--device", "cpu", "--show-dir",
                                          str(show_dir)])
         assert code == 2
         assert_one_message(err, f"--show-dir {show_dir}", message)
@@ -205,7 +205,7 @@ def test_curves_out_must_be_a_picture_outside_the_runs_files(tmp_path):
                          (run / "metrics.jsonl", ".jsonl is not a picture format"),
                          (tmp_path / "curves", "no suffix is not a picture format"),
                          (run / "results.png", f"is a file of the run {run}")]:
-        code, err = captured(analyze_main, ["curves", str(run), "--out", str(out)])
+        code, err = captured(main, ["analyze", "curves", str(run), "--out", str(out)])
         assert code == 2
         assert_one_message(err, f"--out {out}", message)
     assert snapshot(tmp_path) == before

@@ -1,12 +1,18 @@
-"""Training curves of runs and dataset statistics (see docs/diagnostics.md).
+"""`python tools/analyze.py ...` = `python -m detkit analyze ...`:
+training curves of runs (curves), dataset statistics (dataset) (`--help`)."""
 
-``python tools/analyze.py curves RUN_DIR [RUN_DIR ...] [--keys ...] [--out FILE]``
-``python tools/analyze.py dataset --config CFG [--set k=v ...] [--split train|val] [--out DIR]``
-"""
+from __future__ import annotations
 
 import sys
 
-from detkit.analysis.cli import analyze_main
+from detkit.cli import main as detkit_main
+
+COMMAND = "analyze"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return detkit_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(analyze_main(sys.argv[1:]))
+    sys.exit(main())

@@ -1,11 +1,18 @@
-"""Write PNGs of transformed samples with their GT boxes drawn.
+"""`python tools/browse_dataset.py ...` = `python -m detkit browse ...`:
+draw transformed samples with their GT boxes to PNGs (`--help`)."""
 
-``python tools/browse_dataset.py --config CFG [--split train|val] --out DIR -n 16 [--set k=v ...]``
-"""
+from __future__ import annotations
 
 import sys
 
-from detkit.cli import main
+from detkit.cli import main as detkit_main
+
+COMMAND = "browse"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return detkit_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["browse", *sys.argv[1:]]))
+    sys.exit(main())

@@ -1,11 +1,18 @@
-"""`python tools/eval.py --checkpoint CKPT [--config CFG] [--show-dir DIR] ...`: the `eval` command
-(`python -m detkit eval`), then the evaluation report (PR curves, confusion matrix, per-class AP,
-lowest-recall images) in its output folder, and with --show-dir every val image drawn with ground
-truth beside predictions."""
+"""`python tools/eval.py ...` = `python -m detkit eval ...`:
+COCO-evaluate a checkpoint on data.val and write the evaluation report (--show-dir: val images drawn) (`--help`)."""
+
+from __future__ import annotations
 
 import sys
 
-from detkit.analysis.cli import eval_main
+from detkit.cli import main as detkit_main
+
+COMMAND = "eval"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return detkit_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(eval_main(sys.argv[1:]))
+    sys.exit(main())

@@ -1,8 +1,18 @@
-"""`python tools/export.py --checkpoint CKPT --format onnx|torchscript --out FILE` (= `python -m detkit export`)."""
+"""`python tools/export.py ...` = `python -m detkit export ...`:
+export a checkpoint to ONNX or TorchScript (`--help`)."""
+
+from __future__ import annotations
 
 import sys
 
-from detkit.cli import main
+from detkit.cli import main as detkit_main
+
+COMMAND = "export"
+
+
+def main(argv: list[str] | None = None) -> int:
+    return detkit_main([COMMAND, *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
-    sys.exit(main(["export", *sys.argv[1:]]))
+    sys.exit(main())

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 from pycocotools.coco import COCO
 
-from detkit.analysis import AnalysisError
+from detkit.analysis import RunDataError
 from detkit.analysis.bootstrap import (
     match_records,
     paired_difference,
@@ -45,17 +45,17 @@ def last_evaluation(work_dir: Path) -> dict[str, Any] | None:
     try:
         records = [r for r in read_jsonl(path) if r.get("type") == "eval"] if path.is_file() else []
     except ValueError as err:
-        raise AnalysisError(str(err)) from None
+        raise RunDataError(str(err)) from None
     if not records or not (work_dir / "results" / f"bbox_epoch_{records[-1].get('epoch')}.json").is_file():
         return None
     return records[-1]
 
 
 def read_run(label: str, seed: int, work_dir: Path, wall_s: float | None = None) -> RunResult:
-    """:class:`RunResult` of a finished run; :class:`AnalysisError` naming the folder when it has no evaluation."""
+    """:class:`RunResult` of a finished run; :class:`RunDataError` naming the folder when it has no evaluation."""
     record = last_evaluation(work_dir)
     if record is None:
-        raise AnalysisError(f"{work_dir}: no evaluation with its results/bbox_epoch_N.json (metrics.jsonl 'eval' "
+        raise RunDataError(f"{work_dir}: no evaluation with its results/bbox_epoch_N.json (metrics.jsonl 'eval' "
                             f"record); the run has not finished")
     return RunResult(label, seed, work_dir, record, work_dir / "results" / f"bbox_epoch_{record['epoch']}.json",
                      wall_s)
@@ -79,7 +79,7 @@ def build_report(runs: Sequence[RunResult], coco_gt: COCO, image_ids: Sequence[i
     seeds = {label: [r.seed for r in rs] for label, rs in by_label.items()}
     for label in labels[1:]:
         if seeds[label] != seeds[labels[0]]:
-            raise AnalysisError(f"{label} has seeds {seeds[label]} but the baseline {labels[0]} has "
+            raise RunDataError(f"{label} has seeds {seeds[label]} but the baseline {labels[0]} has "
                                 f"{seeds[labels[0]]}; the comparison pairs runs by seed")
     ids = sorted({int(i) for i in image_ids})
     counts = np.vstack([np.ones((1, len(ids)), dtype=np.int64), resample_counts(len(ids), resamples, seed)])
@@ -88,7 +88,7 @@ def build_report(runs: Sequence[RunResult], coco_gt: COCO, image_ids: Sequence[i
         try:
             results = json.loads(run.results_file.read_text())
         except ValueError as err:  # a run killed while writing it
-            raise AnalysisError(f"{run.results_file}: not a COCO results json ({err}); to redo that run, delete "
+            raise RunDataError(f"{run.results_file}: not a COCO results json ({err}); to redo that run, delete "
                                 f"{run.work_dir} and run the command again") from None
         ap[run.work_dir] = resampled_ap(match_records(coco_gt, results, ids), counts)
     configs = {}

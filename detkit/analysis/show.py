@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from detkit.engine.inference import is_inside
 from detkit.engine.run_log import progress
+from detkit.files import is_inside
 from detkit.registry import ConfigError
 from detkit.visualize import draw_detections
 

@@ -1,49 +1,23 @@
-"""``detkit infer``: detections drawn on image files plus a COCO-results json, never over an input; and the
-output-path helpers the other writing commands share (``export``, ``convert``, ``eval --show-dir``)."""
+"""Inference on image files and folders (``detkit infer``): each image with its detections drawn plus a
+COCO-results json, never over an input."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Sequence
 
+from detkit.api import DetectorModel
 from detkit.data.coco import decode_rgb
 from detkit.data.files import find_files
 from detkit.engine.evaluator import coco_results
 from detkit.registry import ConfigError
 from detkit.visualize import draw_detections, save_grid
 
-if TYPE_CHECKING:  # only the annotation: the engine sits below the API
-    from detkit.api import DetectorModel
-
 logger = logging.getLogger("detkit")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-
-
-def is_inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
-    """Whether ``path`` is ``folder`` or lies under it, links resolved (neither needs to exist)."""
-    return Path(path).resolve().is_relative_to(Path(folder).resolve())
-
-
-@contextmanager
-def replaced_on_success(path: str | os.PathLike) -> Iterator[Path]:
-    """A temp file beside ``path`` to write to, moved over ``path`` (``os.replace``) when the block ends without
-    an error and removed when it raises: a failed write or check leaves a previous ``path`` as it was."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any file
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def expand_image_paths(paths: Sequence[str], skip: Path | None = None) -> list[tuple[Path, Path]]:
@@ -90,10 +64,11 @@ def check_output_folder(out: Path, images: Sequence[str], pairs: Sequence[tuple[
 
 
 def infer_images(detector: DetectorModel, images: Sequence[str], out_dir: str | os.PathLike, score_thr: float = 0.3,
-                 batch_size: int = 8) -> dict[str, int]:
+                 batch_size: int = 8, tiles: dict[str, Any] | None = None) -> dict[str, int]:
     """Detect objects in ``images`` (files or folders) and write, under ``out_dir``, each image with its
     detections drawn (``<relative path>.png``), ``results.json`` (COCO results, ``image_id`` = position)
-    and ``images.json`` (position -> file). Returns the counts it reports."""
+    and ``images.json`` (position -> file). ``tiles``: sliced inference (``DetectorModel.predict``'s
+    ``tiles``). Returns the counts it reports."""
     if not 0.0 <= score_thr <= 1.0:
         raise ConfigError(f"--score-thr must lie in [0, 1], got {score_thr}")
     out = Path(out_dir)
@@ -107,7 +82,7 @@ def infer_images(detector: DetectorModel, images: Sequence[str], out_dir: str | 
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         pixels = [decode_rgb(f) for f, _ in chunk]
-        dets = detector.predict(pixels, score_thr=score_thr, batch_size=batch_size)
+        dets = detector.predict(pixels, score_thr=score_thr, batch_size=batch_size, tiles=tiles)
         for index, ((file, name), image, det) in enumerate(zip(chunk, pixels, dets), start):
             counts["read"] += 1
             counts["with_detections"] += int(len(det["scores"]) > 0)

@@ -1,0 +1,146 @@
+"""Looking at runs, data and components: ``analyze curves``, ``analyze dataset``, ``browse`` and ``list``."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from pathlib import Path
+
+from detkit.cli.common import add_set_argument, run_config
+from detkit.files import is_inside
+from detkit.registry import REGISTRIES, ConfigError, Registry, format_params
+
+CURVE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")  # picture formats matplotlib writes (jpg through Pillow)
+
+
+def cmd_curves(args: argparse.Namespace) -> int:
+    from detkit.analysis.training_curves import plot_curves, read_metrics  # lazy: matplotlib, kept out of --help
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; give a file path such as {out / 'curves.png'}")
+    if out.suffix.lower() not in CURVE_SUFFIXES:
+        raise ConfigError(f"--out {out}: {out.suffix or 'no suffix'} is not a picture format; give a "
+                          f"{', '.join(CURVE_SUFFIXES)} file, e.g. {out.with_suffix('.png')}")
+    for run_dir in args.run_dirs:
+        if out.exists() and is_inside(out, run_dir):
+            raise ConfigError(f"--out {out} is a file of the run {run_dir}; write the curves outside the run's files")
+    runs = [read_metrics(d) for d in args.run_dirs]
+    names = [r.name for r in runs]
+    for run, run_dir in zip(runs, args.run_dirs):  # two runs of the same folder name: tell them apart
+        if names.count(run.name) > 1:
+            run.name = str(run_dir)
+    path = plot_curves(runs, args.out, args.keys)
+    print(f"wrote {path} ({len(runs)} run(s))")
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace) -> int:
+    from detkit.analysis import dataset_stats as ds  # lazy (here and below): torch, kept out of --help
+    from detkit.data import build_dataset
+
+    cfg = run_config(args)
+    if args.split not in (cfg.get("data") or {}):
+        raise ConfigError(f"data.{args.split}: the config has no dataset for split '{args.split}'")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be a positive number of images, got {args.limit}")
+    dataset = build_dataset(cfg["data"][args.split], f"data.{args.split}")
+    stats = ds.dataset_stats(dataset, args.limit, f"data.{args.split}")
+    health = ds.config_health(cfg, args.split, dataset, args.limit)
+    name = f"{Path(args.config).stem} data.{args.split}"
+    print(ds.format_stats(stats, name))
+    print(ds.format_health(health) if isinstance(health, dict) else f"assigner health: not measured ({health})")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = ds.plot_dataset_stats(stats, out / f"dataset_{args.split}.png",
+                                title=f"{name} ({len(stats.boxes_per_image)} images, after its transforms)",
+                                health=health if isinstance(health, dict) else None)
+    summary = {**stats.summary(), "images_without_boxes_ids": list(map(str, stats.empty)), "assigner_health": health}
+    (out / f"dataset_{args.split}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {png} and {out / f'dataset_{args.split}.json'}")
+    return 0
+
+
+def cmd_browse(args: argparse.Namespace) -> int:
+    from detkit.data import build_dataset  # lazy (here and below): torch, kept out of --help
+    from detkit.visualize import draw_detections, save_grid
+
+    cfg = run_config(args)
+    dataset = build_dataset(cfg["data"][args.split], f"data.{args.split}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    drawn = []
+    for index in range(min(args.n, len(dataset))):
+        image, target = dataset[index]
+        picture = draw_detections(image, target["boxes"], target["labels"], dataset.classes)
+        save_grid([picture], out / f"{args.split}_{index:03d}.png", nrow=1)
+        drawn.append(picture)
+    if drawn:
+        save_grid(drawn, out / f"{args.split}_grid.png")
+    print(f"wrote {len(drawn)} samples of data.{args.split} ({len(dataset)} images, classes "
+          f"{dataset.classes}) to {out}")
+    return 0
+
+
+def format_registry(registry: Registry) -> str:
+    """Every component of ``registry`` with its parameters, defaults and first docstring line."""
+    lines = [f"{registry.name} ({len(registry)})"]
+    for name, obj in registry.items():
+        lines.append(f"  {name}({format_params(obj)})")
+        doc = (inspect.getdoc(obj) or "").strip()
+        if doc:
+            lines.append(f"      {doc.splitlines()[0]}")
+    if not len(registry):
+        lines.append("  (none registered)")
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import detkit.build  # noqa: F401  (fills the registries; lazy: torch, kept out of --help)
+
+    names = args.registries or list(REGISTRIES)
+    for name in names:
+        if name not in REGISTRIES:
+            raise ConfigError(f"unknown registry '{name}'; known: {', '.join(REGISTRIES)}")
+    print("\n\n".join(format_registry(REGISTRIES[n]) for n in names))
+    return 0
+
+
+def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="training curves of runs, dataset statistics (also: tools/analyze.py; "
+                                       "docs/diagnostics.md)", description="Training curves and dataset statistics.")
+    analyze = p.add_subparsers(dest="analysis", required=True)
+    p_curves = analyze.add_parser("curves", help="loss terms, total, lr, AP/AP50 of one or more runs, overlaid")
+    p_curves.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training work dirs (with metrics.jsonl)")
+    p_curves.add_argument("--keys", nargs="+", default=None,
+                          help="what to draw (default: every loss term, total, lr, AP, AP50), e.g. bbox AP "
+                               "per_class/circle grad_norm")
+    p_curves.add_argument("--out", default="curves.png",
+                          help="the picture to write: .png, .pdf, .svg or .jpg (default: curves.png)")
+    p_curves.set_defaults(func=cmd_curves)
+    p_data = analyze.add_parser("dataset", help="class counts, boxes per image, box sizes, images without boxes, "
+                                                "the config's assigner health (positives per box)")
+    p_data.add_argument("--config", required=True)
+    p_data.add_argument("--split", default="train", choices=["train", "val"])
+    p_data.add_argument("--out", default="dataset_stats", help="folder for dataset_<split>.png/.json")
+    p_data.add_argument("--limit", type=int, default=None, help="read only the first N images")
+    add_set_argument(p_data)
+    p_data.set_defaults(func=cmd_dataset)
+
+
+def add_browse_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("browse", help="draw transformed samples with their GT boxes to PNGs (also: "
+                                      "tools/browse_dataset.py)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--split", default="train", choices=["train", "val"])
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("-n", type=int, default=16, help="number of samples")
+    add_set_argument(p)
+    p.set_defaults(func=cmd_browse)
+
+
+def add_list_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list", help="list registered components with their parameters")
+    p.add_argument("registries", nargs="*", metavar="REGISTRY", help=f"any of: {', '.join(REGISTRIES)} (default: all)")
+    p.set_defaults(func=cmd_list)
