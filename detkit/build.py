@@ -4,6 +4,7 @@ Registries are filled by explicit imports here (no folder scanning): a component
 ``build`` and ``detkit list`` exactly when its module is imported below.
 """
 
+import detkit.analysis.diagnostics_hook  # noqa: F401  (registers HOOKS: DiagnosticsHook, the val pictures)
 import detkit.assigners  # noqa: F401,E402  (registers ASSIGNERS)
 import detkit.data  # noqa: F401,E402  (registers DATASETS and TRANSFORMS)
 import detkit.engine.hooks  # noqa: F401,E402  (registers HOOKS)

@@ -20,7 +20,8 @@ from detkit.assigners.health import HealthAccumulator, assigner_health, centerne
 from detkit.cli import main
 from detkit.config import load_config
 from detkit.data.loader import build_dataloader
-from detkit.engine.hooks import build_hooks
+from detkit.engine.evaluator import Evaluation
+from detkit.engine.hooks import EvalRecord, build_hooks
 from detkit.engine.hooks.assigner_health import AssignerHealthHook, HealthProbe, unsupported_reason
 from detkit.engine.settings import TrainSettings
 from detkit.models import build_detector
@@ -121,11 +122,11 @@ def test_hook_is_built_in_with_diagnostics_and_writes_health_after_an_evaluation
     hook = next(h for h in build_hooks(cfg, settings, loader, model) if isinstance(h, AssignerHealthHook))
     assert not any(isinstance(h, AssignerHealthHook)
                    for h in build_hooks({**cfg, "eval": {"diagnostics": False}}, settings, loader, model))
-    trainer = SimpleNamespace(model=model, epoch=1, is_main=True, work_dir=tmp_path / "work", summary={})
+    trainer = SimpleNamespace(model=model, epoch=1, is_main=True, work_dir=tmp_path / "work", last_eval=None)
     hook.before_train(trainer)
     hook.after_epoch(trainer)  # no evaluation this epoch: nothing written
     assert not (tmp_path / "work").exists()
-    trainer.summary["last_eval"] = {"epoch": 1}
+    trainer.last_eval = EvalRecord(1, 0, {}, {}, Evaluation({}))
     with capture_log() as log:
         hook.after_epoch(trainer)
     health = json.loads((tmp_path / "work/eval_epoch_1/assigner_health.json").read_text())
@@ -134,7 +135,7 @@ def test_hook_is_built_in_with_diagnostics_and_writes_health_after_an_evaluation
     assert log.getvalue().startswith("assigner health: ")
 
     own, model.head.assigner = model.head.assigner, NeedsPredictions(STRIDES)
-    trainer.epoch = trainer.summary["last_eval"]["epoch"] = 2
+    trainer.epoch, trainer.last_eval = 2, EvalRecord(2, 0, {}, {}, Evaluation({}))
     try:
         with capture_log() as log:
             hook.after_epoch(trainer)

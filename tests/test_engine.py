@@ -15,10 +15,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from detkit.data.sampler import EpochSampler, SeededDataset
 from detkit.engine import Hook, Trainer, TrainingInterrupted, load_checkpoint
+from detkit.engine.evaluator import Evaluation
 from detkit.engine.hooks import (
+    HOOKS,
+    AssignerHealthHook,
+    BestCheckpointHook,
     CheckpointHook,
     EarlyStopHook,
     EMAHook,
+    EvalHook,
+    EvalRecord,
+    LoggerHook,
     LossWeightScheduleHook,
     LRScheduleHook,
 )
@@ -118,6 +125,24 @@ def test_hooks_run_in_order_and_by_priority(tmp_path):
     assert trainer.iter == 4 and (tmp_path / "epoch_2.pth").is_file() and (tmp_path / "model_final.pth").is_file()
 
 
+def test_evaluation_hooks_run_after_each_other_in_a_fixed_order():
+    import detkit.build  # noqa: F401  (registers detkit.analysis's DiagnosticsHook, as the CLI does)
+
+    # evaluate, save best.pth, queue the pictures, maybe stop, save the epoch, measure the assigner, log
+    order = [EvalHook, BestCheckpointHook, HOOKS.get("DiagnosticsHook"), EarlyStopHook, CheckpointHook,
+             AssignerHealthHook, LoggerHook]
+    assert [h.priority for h in order] == [60, 61, 62, 65, 70, 75, 80]
+
+
+def test_best_value_resumes_from_a_checkpoint_saved_before_the_split(tmp_path):
+    best = BestCheckpointHook("AP")
+    trainer = toy_trainer(tmp_path, [best], n=4, epochs=1)
+    state = {**trainer.state_dict(), "hooks": {"EvalHook": {"best": 0.25, "best_epoch": 3}}}  # EvalHook kept it
+    trainer.load_state_dict(state)
+    assert (best.best, best.best_epoch) == (0.25, 3)
+    assert "EvalHook" not in trainer.state_dict()["hooks"]  # saved under its own name from now on
+
+
 def test_accumulation_equals_the_large_batch(tmp_path):
     big = toy_trainer(tmp_path / "big", batch=8, epochs=3)
     big.train()
@@ -181,7 +206,7 @@ class FakeEval(Hook):
         self.values = values
 
     def after_epoch(self, t):
-        t.summary["last_eval"] = {"epoch": t.epoch, "AP": self.values[t.epoch - 1]}
+        t.last_eval = EvalRecord(t.epoch, t.iter, {"AP": self.values[t.epoch - 1]}, {}, Evaluation({}))
 
 
 def test_early_stopping_stops_after_patience_and_still_writes_final_files(tmp_path):

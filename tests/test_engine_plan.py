@@ -1,8 +1,9 @@
 """The engine's run set-up: the first training steps of the default config stay bit-identical while the
-engine is restructured."""
+engine is restructured, and the engine imports only the layers below it."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import torch
@@ -55,3 +56,14 @@ def test_first_steps_of_the_default_config_are_bit_identical(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert losses.steps == FIRST_STEPS
+
+
+def test_the_engine_imports_no_layer_above_it_nor_the_plotting():
+    above = ("detkit.analysis", "detkit.bench", "detkit.api", "detkit.cli", "detkit.export", "detkit.visualize")
+    found = []
+    for path in sorted((ROOT / "detkit/engine").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.startswith(above)]
+    assert found == []

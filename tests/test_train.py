@@ -91,7 +91,7 @@ def test_cli_train_eval_infer_end_to_end(tmp_path):
     assert set(evals[-1]["per_class"]) == {"circle", "square", "triangle", "star"}
     ckpt = load_checkpoint(work / "latest.pth")
     assert {"model", "optimizer", "scaler", "hooks", "epoch", "iter", "inner", "rng", "config"} <= set(ckpt)
-    assert "ema" in ckpt["hooks"]["EMAHook"] and ckpt["hooks"]["EvalHook"]["best_epoch"] >= 1
+    assert "ema" in ckpt["hooks"]["EMAHook"] and ckpt["hooks"]["BestCheckpointHook"]["best_epoch"] >= 1
     assert (ckpt["epoch"], ckpt["iter"], ckpt["inner"]) == (2, 4, 0)
     slim = load_checkpoint(work / "model_final.pth")
     assert set(slim) == {"model", "config", "classes", "cat_ids", "epoch", "iter", "inference_only"}

@@ -30,7 +30,7 @@ from detkit.engine.checkpoint import (
 )
 from detkit.engine.compiled_step import CompiledLoss
 from detkit.engine.evaluator import EvalSettings, eval_classes, evaluate_model
-from detkit.engine.hooks import CloseMosaic, TermGradNormHook, build_hooks
+from detkit.engine.hooks import BestCheckpointHook, CloseMosaic, TermGradNormHook, build_hooks
 from detkit.engine.hooks.close_mosaic import mixing_steps
 from detkit.engine.load_from import load_pretrained
 from detkit.engine.optim import build_optimizer, check_optimizer_spec
@@ -258,16 +258,16 @@ def run_training(cfg: dict[str, Any], work_dir: Path, device: str | None = None,
         trainer.train()
     finally:
         trainer.writers.close()
-    s = trainer.summary
+    s, last = trainer.summary, trainer.last_eval
     lines = [f"finished: {trainer.stop_reason or f'{trainer.epoch} epochs'}, {trainer.iter} optimizer steps in "
              f"{s.get('wall_time', 0) / 60:.1f} min"]
-    if "best" in s:
-        b = s["best"]
-        lines.append(f"best {b['metric']} {b['value']:.4f} at epoch {b['epoch']} ({b['file']})"
-                     if b["value"] is not None
-                     else f"best {b['metric']}: no evaluation gave it a value (NaN), so no best.pth")
-        last = s["last_eval"]
-        lines.append("final: " + " ".join(f"{k} {last[k]:.4f}" for k in ("AP", "AP50", "AP75") if k in last))
+    best = next((h for h in trainer.hooks if isinstance(h, BestCheckpointHook)), None)
+    if best is not None and last is not None:
+        lines.append(f"best {best.metric} {best.best:.4f} at epoch {best.best_epoch} ({best.path(trainer)})"
+                     if best.best is not None
+                     else f"best {best.metric}: no evaluation gave it a value (NaN), so no best.pth")
+        lines.append("final: " + " ".join(f"{k} {last.metrics[k]:.4f}" for k in ("AP", "AP50", "AP75")
+                                          if k in last.metrics))
     lines += [f"{name}: {path}" for name, path in s.get("files", {}).items()]
     lines.append(f"config: {work_dir / 'config.yaml'}")
     logger.info("\n  ".join(lines))

@@ -21,7 +21,7 @@ from detkit.distributed import (
     get_world_size,
     is_distributed,
 )
-from detkit.engine.hooks.base import Hook
+from detkit.engine.hooks.base import EvalRecord, Hook
 from detkit.engine.interrupt import InterruptWatch, TrainingInterrupted
 from detkit.engine.memory import batch_image_ids, name_out_of_memory
 from detkit.engine.precision import autocast
@@ -84,7 +84,8 @@ class Trainer:
         self.result = StepResult()
         self.ema_model: nn.Module | None = None  # set by the EMA hook; evaluation uses it
         self.stop_reason: str | None = None  # set by a hook (early stop) to end training after this epoch
-        self.summary: dict[str, Any] = {}
+        self.last_eval: EvalRecord | None = None  # set by EvalHook after each evaluation
+        self.summary: dict[str, Any] = {}  # run facts for the final report: wall_time, interrupted, files
         self.writers: WriterGroup = WriterGroup([])  # the runner sets the run's writers (rank 0)
         self.lock: Any = None  # the runner's work-dir lock (rank 0)
         self.watch: InterruptWatch | None = None  # SIGINT / SIGTERM while training
@@ -285,9 +286,11 @@ class Trainer:
         self._load_optimizer(state)
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+        saved = state.get("hooks", {})
         for hook in self.hooks:
-            if hook.name in state.get("hooks", {}):
-                hook.load_state_dict(state["hooks"][hook.name])
+            name = next((n for n in (hook.name, *hook.former_names) if n in saved), None)
+            if name is not None:
+                hook.load_state_dict(saved[name])
         rngs = state.get("rng") or []
         if len(rngs) == self.world:
             set_rng_state(rngs[self.rank])

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 from torch import nn
 
 from detkit.distributed import is_distributed
-from detkit.engine.evaluator import EvalSettings, eval_classes
+from detkit.engine.evaluator import EvalClasses, EvalSettings, eval_classes
 from detkit.engine.hooks.assigner_health import AssignerHealthHook, health_hook
 from detkit.engine.hooks.balance import Uncertainty
-from detkit.engine.hooks.base import Hook
+from detkit.engine.hooks.base import EvalRecord, Hook
 from detkit.engine.hooks.checkpoint import CheckpointHook
 from detkit.engine.hooks.close_mosaic import CloseMosaic
 from detkit.engine.hooks.ema import EMAHook, WarmupEMA
 from detkit.engine.hooks.epoch import SetEpochHook
-from detkit.engine.hooks.evaluation import EarlyStopHook, EvalHook
+from detkit.engine.hooks.evaluation import BestCheckpointHook, EarlyStopHook, EvalHook
 from detkit.engine.hooks.grad_norm import TermGradNormHook
 from detkit.engine.hooks.logger import LoggerHook
 from detkit.engine.hooks.nan_guard import NaNGuardHook, NonFiniteLossError
@@ -23,6 +24,20 @@ from detkit.engine.hooks.schedule import LossWeightScheduleHook, LRScheduleHook
 from detkit.engine.hooks.watchdog import StallWatchdogHook
 from detkit.engine.settings import TrainSettings
 from detkit.registry import HOOKS, ConfigError
+
+logger = logging.getLogger("detkit")
+
+
+def picture_hooks(dataset: Any, vis_images: int, settings: EvalSettings, classes: EvalClasses) -> list[Hook]:
+    """``DiagnosticsHook`` (``detkit.analysis``, found in ``HOOKS``: the engine never imports the plotting
+    layer) when the run draws anything: val pictures (``train.vis_images``) or ``eval.diagnostics``."""
+    if not (vis_images or settings.diagnostics):
+        return []
+    if "DiagnosticsHook" not in HOOKS:
+        logger.warning("train.vis_images / eval.diagnostics: no val pictures nor eval_epoch_N/ in this run: they are "
+                       "drawn by DiagnosticsHook, which `import detkit.build` registers (the CLI and detkit.api do)")
+        return []
+    return [HOOKS.get("DiagnosticsHook")(dataset, settings, classes)]
 
 
 def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: nn.Module,
@@ -48,7 +63,9 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
     eval_settings = EvalSettings.from_config(cfg)  # checked with or without a val set, before anything is written
     if val_loader is not None:
         classes = eval_classes(val_loader.dataset, train_classes, getattr(model, "num_classes", None), "data.train")
-        hooks.append(EvalHook(val_loader, s.eval_interval, s.best_metric, s.vis_images, eval_settings, classes))
+        hooks += [EvalHook(val_loader, s.eval_interval, s.vis_images, eval_settings, classes),
+                  BestCheckpointHook(s.best_metric),
+                  *picture_hooks(val_loader.dataset, s.vis_images, eval_settings, classes)]
         if eval_settings.diagnostics:
             hooks.append(health_hook(val_loader, classes, getattr(model, "num_classes", None)))
     if s.early_stop is not None:
@@ -67,6 +84,7 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
 
 
 __all__ = ["Hook", "HOOKS", "build_hooks", "NaNGuardHook", "NonFiniteLossError", "LRScheduleHook",
-           "LossWeightScheduleHook", "EMAHook", "WarmupEMA", "TermGradNormHook", "EvalHook", "EarlyStopHook",
+           "LossWeightScheduleHook", "EMAHook", "WarmupEMA", "TermGradNormHook", "EvalHook", "EvalRecord",
+           "BestCheckpointHook", "EarlyStopHook",
            "CheckpointHook", "LoggerHook", "Uncertainty", "CloseMosaic", "StallWatchdogHook", "AssignerHealthHook",
            "SetEpochHook"]

@@ -134,7 +134,7 @@ class AssignerHealthHook(Hook):
     gradient, no prediction): ``eval_epoch_N/assigner_health.json`` and one log line. Built in with
     ``eval.diagnostics`` (the default); a model without a detkit assigner says so once and is skipped."""
 
-    # after EvalHook (60), which records this epoch's evaluation in trainer.summary, and after the
+    # after EvalHook (60), which records this epoch's evaluation in trainer.last_eval, and after the
     # epoch's checkpoint (70): measuring the health cannot cost it
     priority = 75
 
@@ -154,8 +154,8 @@ class AssignerHealthHook(Hook):
             logger.info("assigner health: not measured (%s)", reason)
 
     def after_epoch(self, trainer: "Trainer") -> None:
-        last = trainer.summary.get("last_eval")
-        if self.probe is None or not last or last["epoch"] != trainer.epoch:
+        record = trainer.last_eval
+        if self.probe is None or record is None or record.epoch != trainer.epoch:
             return
         acc = loader_health(self.probe, self.loader, self.classes, label_map=self.label_map)
         if isinstance(acc, str):  # every rank alike: the assigner's kind decides

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from detkit.engine.evaluator import Evaluation
+
 if TYPE_CHECKING:
     from detkit.engine.trainer import Trainer
+
+
+@dataclass
+class EvalRecord:
+    """One evaluation during training, published by ``EvalHook`` as ``trainer.last_eval`` for the hooks
+    after it (best checkpoint, early stop, diagnostics, assigner health).
+
+    ``metrics``: COCO bbox ``AP`` ... ``APl`` (fractions; NaN where the val set has no box a metric
+    measures), on every rank; ``per_class``: AP by class name; ``evaluation``: the whole
+    :class:`~detkit.engine.evaluator.Evaluation` (detections, COCOeval, val pictures: rank 0's);
+    ``results_json``: ``results/bbox_epoch_N.json`` on rank 0, None on the other ranks."""
+
+    epoch: int
+    iter: int
+    metrics: dict[str, float]
+    per_class: dict[str, float]
+    evaluation: Evaluation
+    results_json: Path | None = None
 
 
 class Hook:
@@ -23,6 +45,8 @@ class Hook:
     """
 
     priority: int = 50
+    #: names this hook's state was saved under before a rename: a resume reads the first one present
+    former_names: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:

@@ -1,4 +1,4 @@
-"""COCO evaluation every ``interval`` epochs, the best checkpoint by a chosen metric, early stopping."""
+"""COCO evaluation every ``interval`` epochs and its record, the best checkpoint by a chosen metric, early stopping."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import itertools
 import json
 import logging
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from detkit.engine.checkpoint import inference_state, save_checkpoint
-from detkit.engine.evaluator import EvalClasses, EvalSettings, Evaluation, evaluate_model
-from detkit.engine.hooks.base import Hook
+from detkit.engine.evaluator import EvalClasses, EvalSettings, evaluate_model
+from detkit.engine.hooks.base import EvalRecord, Hook
 from detkit.engine.memory import batch_image_ids, name_out_of_memory
 from detkit.registry import HOOKS, ConfigError
 
@@ -30,7 +31,7 @@ def better(value: float | None, best: float | None, mode: str, min_delta: float 
     return value > best + min_delta if mode == "max" else value < best - min_delta
 
 
-def warn_if_undefined(hook: "EvalHook | EarlyStopHook", value: float | None, key: str) -> None:
+def warn_if_undefined(hook: "BestCheckpointHook | EarlyStopHook", value: float | None, key: str) -> None:
     """Say once per run (not at every evaluation) that ``hook.metric`` had no value: no improvement."""
     if (value is None or math.isnan(value)) and not hook.warned_nan:
         hook.warned_nan = True
@@ -69,25 +70,18 @@ class WatchedLoader:
 @HOOKS.register()
 class EvalHook(Hook):
     """Evaluates the (EMA) model on ``data.val`` after every ``interval`` epochs, the last one and an
-    early stop; writes an ``eval`` record and ``results/bbox_epoch_N.json``, and ``best.pth``
-    (inference weights only) when ``metric`` improves (a NaN metric never does). The val pictures
-    and, with ``settings.diagnostics`` (the config's ``eval`` section, :class:`EvalSettings`),
-    ``eval_epoch_N/`` (PR curves, confusion matrix, per-class AP table, lowest-recall images) and
-    ``results.png`` (training curves) are drawn after the epoch's checkpoint is saved (at the next
-    ``before_epoch`` or ``after_train``): drawing them cannot cost the checkpoint.
-    ``trainer.summary`` gets the last metrics and the best value and epoch."""
+    early stop, and publishes the result: an ``eval`` record to every writer, ``results/bbox_epoch_N.json``
+    (rank 0) and :class:`EvalRecord` ``trainer.last_eval``, which the hooks after it read
+    (:class:`BestCheckpointHook`, :class:`EarlyStopHook`, the diagnostics of ``detkit.analysis``).
+    ``vis_images`` val images keep their detections in the record, for the pictures."""
 
     priority = 60
 
-    def __init__(self, loader: Any, interval: int = 1, metric: str = "AP", vis_images: int = 4,
-                 settings: EvalSettings | None = None, classes: EvalClasses | None = None) -> None:
-        self.loader, self.interval, self.metric, self.vis_images = loader, interval, metric, vis_images
-        self.best: float | None = None
-        self.best_epoch = 0
+    def __init__(self, loader: Any, interval: int = 1, vis_images: int = 4, settings: EvalSettings | None = None,
+                 classes: EvalClasses | None = None) -> None:
+        self.loader, self.interval, self.vis_images = loader, interval, vis_images
         self.settings = settings or EvalSettings()
         self.classes = classes  # the model's labels matched to data.val's categories (None: one to one)
-        self.warned_nan = False
-        self.pending: tuple[int, Evaluation] | None = None  # (epoch, evaluation) whose pictures are not drawn yet
 
     def before_train(self, trainer: "Trainer") -> None:
         if self.classes is not None and self.classes.left_out:
@@ -100,65 +94,49 @@ class EvalHook(Hook):
         watched = WatchedLoader(self.loader, trainer)
         with name_out_of_memory(self.loader.dataset, "evaluating", watched.image_ids, split="data.val"):
             ev = evaluate_model(trainer.eval_model(), watched, trainer.device, trainer.amp, self.vis_images,
-                                backend=self.settings.backend, classes=self.classes)
-        metrics = ev.metrics
-        if self.metric not in metrics:
-            raise ConfigError(f"train.best_metric: '{self.metric}' is not an evaluation metric; "
-                              f"choose one of {[k for k in metrics if k != 'per_class']}")
-        trainer.summary.update(last_eval={"epoch": trainer.epoch, **metrics})
+                                backend=self.settings.backend, classes=self.classes,
+                                tiles=self.settings.tiles)
+        metrics = {k: v for k, v in ev.metrics.items() if k != "per_class"}
+        results = None
         if trainer.is_main:
             trainer.writers.write("eval", trainer.iter, {"epoch": trainer.epoch, "iter": trainer.iter,
-                                                         "num_images": ev.num_images, **metrics})
+                                                         "num_images": ev.num_images, **ev.metrics})
             results = trainer.work_dir / "results" / f"bbox_epoch_{trainer.epoch}.json"
             results.parent.mkdir(parents=True, exist_ok=True)
             results.write_text(json.dumps(ev.results))
-            self.pending = (trainer.epoch, ev)
-        warn_if_undefined(self, metrics[self.metric], "train.best_metric")
-        if better(metrics[self.metric], self.best, "max"):
-            self.best, self.best_epoch = metrics[self.metric], trainer.epoch
-            if trainer.is_main:
-                save_checkpoint(inference_state(trainer), trainer.work_dir / "best.pth")
-        trainer.summary.update(best={"metric": self.metric, "value": self.best, "epoch": self.best_epoch,
-                                     "file": trainer.work_dir / "best.pth"})
+        trainer.last_eval = EvalRecord(trainer.epoch, trainer.iter, metrics, ev.metrics["per_class"], ev, results)
 
-    def before_epoch(self, trainer: "Trainer") -> None:
-        self.draw_pending(trainer)
 
-    def after_train(self, trainer: "Trainer") -> None:
-        self.draw_pending(trainer)
+@HOOKS.register()
+class BestCheckpointHook(Hook):
+    """``best.pth`` (inference weights only) whenever ``metric`` of an evaluation (``trainer.last_eval``)
+    improves on the best so far; a NaN metric never does. Keeps the best value and its epoch."""
 
-    def draw_pending(self, trainer: "Trainer") -> None:
-        """The last evaluation's val pictures and diagnostics (its epoch's checkpoints are saved by now)."""
-        if self.pending is None:
+    priority = 61  # right after EvalHook: the best weights are saved before anything else can fail
+    former_names = ("EvalHook",)  # where the best value was kept before this hook was split off
+
+    def __init__(self, metric: str = "AP") -> None:
+        self.metric = metric
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.warned_nan = False
+
+    def after_epoch(self, trainer: "Trainer") -> None:
+        record = trainer.last_eval
+        if record is None or record.epoch != trainer.epoch:
             return
-        (epoch, ev), self.pending = self.pending, None
-        self._pictures(trainer, ev.pictures, epoch)
-        if self.settings.diagnostics:
-            self._diagnostics(trainer, ev, epoch)
+        if self.metric not in record.metrics:
+            raise ConfigError(f"train.best_metric: '{self.metric}' is not an evaluation metric; "
+                              f"choose one of {list(record.metrics)}")
+        warn_if_undefined(self, record.metrics[self.metric], "train.best_metric")
+        if better(record.metrics[self.metric], self.best, "max"):
+            self.best, self.best_epoch = record.metrics[self.metric], trainer.epoch
+            if trainer.is_main:
+                save_checkpoint(inference_state(trainer), self.path(trainer))
 
-    def _pictures(self, trainer: "Trainer", pictures: list, epoch: int) -> None:
-        from detkit.visualize import draw_detections
-
-        classes = getattr(trainer.loader.dataset, "classes", None) or []  # the model's labels are data.train's
-        for k, (image, det) in enumerate(pictures):
-            keep = det["scores"] >= self.settings.score_thr
-            drawn = draw_detections(image, det["boxes"][keep], det["labels"][keep], classes, det["scores"][keep])
-            trainer.writers.image(f"val/predictions_{k}", drawn, epoch)
-
-    def _diagnostics(self, trainer: "Trainer", ev: Evaluation, epoch: int) -> None:
-        """``eval_epoch_N/`` from this evaluation, and ``results.png`` when the run writes ``metrics.jsonl``."""
-        from detkit.analysis.report import write_eval_report
-        from detkit.analysis.training_curves import write_results_png
-
-        dataset, s = self.loader.dataset, self.settings
-        coco, classes = (self.classes.coco, self.classes.classes) if self.classes else (dataset.coco, dataset.classes)
-        out = trainer.work_dir / f"eval_epoch_{epoch}"
-        write_eval_report(out, ev.coco_eval, coco, ev.results, classes, ev.image_ids, s.iou_thr,
-                          s.score_thr, title=f"epoch {epoch}")
-        written = [f"{out}/"]
-        if (trainer.work_dir / "metrics.jsonl").is_file():
-            written.append(str(write_results_png(trainer.work_dir)))
-        logger.info("diagnostics of epoch %d: %s", epoch, ", ".join(written))
+    @staticmethod
+    def path(trainer: "Trainer") -> Path:
+        return trainer.work_dir / "best.pth"
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch}
@@ -182,15 +160,16 @@ class EarlyStopHook(Hook):
         self.warned_nan = False
 
     def after_epoch(self, trainer: "Trainer") -> None:
-        last = trainer.summary.get("last_eval")
-        if not last or last["epoch"] != trainer.epoch:
+        record = trainer.last_eval
+        if record is None or record.epoch != trainer.epoch:
             return
-        if self.metric not in last:
+        if self.metric not in record.metrics:
             raise ConfigError(f"train.early_stop.metric: '{self.metric}' is not an evaluation metric; "
-                              f"choose one of {[k for k in last if k not in ('epoch', 'per_class')]}")
-        warn_if_undefined(self, last[self.metric], "train.early_stop.metric")
-        if better(last[self.metric], self.best, self.mode, self.min_delta):
-            self.best, self.best_epoch, self.bad = last[self.metric], trainer.epoch, 0
+                              f"choose one of {list(record.metrics)}")
+        value = record.metrics[self.metric]
+        warn_if_undefined(self, value, "train.early_stop.metric")
+        if better(value, self.best, self.mode, self.min_delta):
+            self.best, self.best_epoch, self.bad = value, trainer.epoch, 0
             return
         self.bad += 1
         if self.bad >= self.patience and trainer.epoch < trainer.max_epochs:
