@@ -100,6 +100,12 @@ def test_gfl_predict_decodes_the_expected_distance():
     torch.testing.assert_close(det["boxes"], torch.tensor([[0.0, 0.0, 20.0, 28.0]]))  # clipped at 0
 
 
+def test_heads_take_keyword_arguments_only():
+    for head in (GFLHead, CenterNetHead):
+        with pytest.raises(TypeError, match="positional"):
+            head(3, 8)
+
+
 def centernet_ctdet(boxes, labels, num_classes, out_h, out_w):
     """CenterNet's own ctdet.py target code (numpy, per object): clip, ceil, int radius, draw."""
     hm = np.zeros((num_classes, out_h, out_w), np.float32)

@@ -54,7 +54,7 @@ class CenterNetHead(DetectionHead):
     Forward: ``[(B, in_channels, H, W)]`` -> :class:`CenterNetOutputs`.
     """
 
-    def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 64, stride: int = 4,
+    def __init__(self, *, num_classes: int, in_channels: int, feat_channels: int = 64, stride: int = 4,
                  heatmap_bias: float = -2.19, assigner: Mapping[str, Any] | None = None,
                  losses: Mapping[str, Any] | None = None, topk: int = 100, score_thr: float = 0.01,
                  nms_iou: float | None = None) -> None:

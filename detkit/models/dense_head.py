@@ -79,7 +79,7 @@ class DenseHead(DetectionHead):
     ``loss``, ``level_scores`` and ``level_distances``; :meth:`decode` keeps the top ``nms_pre``
     (point, class) pairs per level and turns them into boxes.
 
-    Args (shared by FCOS and GFL): num_classes C; in_channels (given by the detector);
+    Args (keyword-only, shared by FCOS and GFL): num_classes C; in_channels (given by the detector);
         feat_channels, num_convs, norm (``GN`` or null), conv_bias: the two towers; strides: one per
         level; assigner: a built-in or registered assigner spec (``strides`` filled in);
         score_thr, nms_pre, nms_iou, max_per_img: inference; point_offset: points at
@@ -87,7 +87,7 @@ class DenseHead(DetectionHead):
         apart like torchvision's AnchorGenerator (the input size is the first level's size x stride).
     """
 
-    def __init__(self, num_classes: int, in_channels: int, feat_channels: int, num_convs: int,
+    def __init__(self, *, num_classes: int, in_channels: int, feat_channels: int, num_convs: int,
                  strides: Sequence[int], norm: str | None, conv_bias: bool | None, assigner: Mapping[str, Any],
                  score_thr: float, nms_pre: int, nms_iou: float, max_per_img: int, point_offset: float = 0.5,
                  stride_from_input: bool = False) -> None:

@@ -55,7 +55,7 @@ class FCOSHead(DenseHead):
     Forward: FPN maps -> :class:`FCOSOutputs` of per-level lists.
     """
 
-    def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256, num_convs: int = 4,
+    def __init__(self, *, num_classes: int, in_channels: int, feat_channels: int = 256, num_convs: int = 4,
                  strides: Sequence[int] = (8, 16, 32, 64, 128), norm: str | None = "GN", norm_on_bbox: bool = True,
                  centerness_on_reg: bool = True, prior_prob: float = 0.01,
                  assigner: Mapping[str, Any] | None = None, losses: Mapping[str, Any] | None = None,
@@ -64,8 +64,10 @@ class FCOSHead(DenseHead):
         spec = dict(assigner or {"type": "FCOSAssigner"})
         if spec.get("type") == "FCOSAssigner" and "regress_ranges" not in spec:
             spec["regress_ranges"] = default_ranges(len(strides))
-        super().__init__(num_classes, in_channels, feat_channels, num_convs, strides, norm, conv_bias, spec,
-                         score_thr, nms_pre, nms_iou, max_per_img, point_offset, stride_from_input)
+        super().__init__(num_classes=num_classes, in_channels=in_channels, feat_channels=feat_channels,
+                         num_convs=num_convs, strides=strides, norm=norm, conv_bias=conv_bias, assigner=spec,
+                         score_thr=score_thr, nms_pre=nms_pre, nms_iou=nms_iou, max_per_img=max_per_img,
+                         point_offset=point_offset, stride_from_input=stride_from_input)
         self.norm_on_bbox = norm_on_bbox
         self.centerness_on_reg = centerness_on_reg
         self.cls_out = nn.Conv2d(feat_channels, num_classes, 3, padding=1)

@@ -65,15 +65,16 @@ class GFLHead(DenseHead):
     Forward: FPN maps -> :class:`GFLOutputs` of per-level lists.
     """
 
-    def __init__(self, num_classes: int, in_channels: int, feat_channels: int = 256, num_convs: int = 4,
+    def __init__(self, *, num_classes: int, in_channels: int, feat_channels: int = 256, num_convs: int = 4,
                  strides: Sequence[int] = (8, 16, 32, 64, 128), norm: str | None = "GN", reg_max: int = 16,
                  prior_prob: float = 0.01, assigner: Mapping[str, Any] | None = None,
                  losses: Mapping[str, Any] | None = None, score_thr: float = 0.05, nms_pre: int = 1000,
                  nms_iou: float = 0.6, max_per_img: int = 100, conv_bias: bool | None = None,
                  point_offset: float = 0.5) -> None:
-        super().__init__(num_classes, in_channels, feat_channels, num_convs, strides, norm, conv_bias,
-                         assigner or {"type": "ATSSAssigner", "topk": 9}, score_thr, nms_pre, nms_iou, max_per_img,
-                         point_offset)
+        super().__init__(num_classes=num_classes, in_channels=in_channels, feat_channels=feat_channels,
+                         num_convs=num_convs, strides=strides, norm=norm, conv_bias=conv_bias,
+                         assigner=assigner or {"type": "ATSSAssigner", "topk": 9}, score_thr=score_thr,
+                         nms_pre=nms_pre, nms_iou=nms_iou, max_per_img=max_per_img, point_offset=point_offset)
         self.reg_max = positive_int(reg_max, "reg_max")
         self.cls_out = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
         self.reg_out = nn.Conv2d(feat_channels, 4 * (self.reg_max + 1), 3, padding=1)
