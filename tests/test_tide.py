@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pycocotools.cocoeval import COCOeval
 
-from detkit.analysis import AnalysisError
+from detkit.analysis import AnalysisError, RunDataError
 from detkit.analysis.tide import AREAS, ERRORS, tide_errors
 from detkit.analysis.tide_plot import write_tide
 from detkit.data.annotations import DatasetError, index_coco
@@ -126,14 +126,16 @@ def test_base_ap_is_pycocotools_ap50_per_class_and_size():
 
 def test_bad_input_is_one_message():
     gt = coco([(A, BOX1)])
-    with pytest.raises(AnalysisError, match="detection 1: image_id 7 is not an image of the ground truth"):
+    with pytest.raises(RunDataError, match="detection 1: image_id 7 is not an image of the ground truth"):
         tide_errors(gt, [det(A, BOX1, 0.9), {**det(A, BOX1, 0.9), "image_id": 7}])
-    with pytest.raises(AnalysisError, match="detection 0: needs image_id, category_id, bbox"):
+    with pytest.raises(RunDataError, match="detection 0: needs image_id, category_id, bbox"):
         tide_errors(gt, [{"image_id": 1, "bbox": BOX1}])
-    with pytest.raises(AnalysisError, match=r"category_id 9 is not a category of the ground truth \(ids \[1, 2\]\)"):
+    with pytest.raises(RunDataError, match=r"category_id 9 is not a category of the ground truth \(ids \[1, 2\]\)"):
         tide_errors(gt, [det(9, BOX1, 0.9)])
     with pytest.raises(AnalysisError, match="bg_iou < fg_iou"):
         tide_errors(gt, [], fg_iou=0.1, bg_iou=0.5)
+    with pytest.raises(AnalysisError, match=r"image ids \[3\] are not images of the ground truth"):
+        tide_errors(gt, [], image_ids=[1, 3])
     with pytest.raises(DatasetError, match="the ground truth: not a COCO detection file: no 'categories' list"):
         tide_errors({"images": []}, [])
 

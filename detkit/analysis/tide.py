@@ -35,7 +35,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_iou
 
-from detkit.analysis import AnalysisError
+from detkit.analysis import AnalysisError, RunDataError
 from detkit.analysis.bootstrap import CategoryMatches, MatchRecords, resampled_ap
 from detkit.data.annotations import index_coco
 
@@ -94,7 +94,8 @@ def tide_errors(coco_gt: COCO | dict, detections: Sequence[dict[str, Any]], imag
                 fg_iou: float = 0.5, bg_iou: float = 0.1) -> TideReport:
     """TIDE dAP of COCO-format ``detections`` (``image_id``, ``category_id``, ``bbox`` xywh, ``score``: the
     results json of an evaluation) against ``coco_gt`` (a pycocotools ``COCO`` or a COCO dict), on
-    ``image_ids`` (default: every image of ``coco_gt``). Bad input raises :class:`AnalysisError`."""
+    ``image_ids`` (default: every image of ``coco_gt``). A bad argument raises :class:`AnalysisError`, a
+    malformed detection :class:`RunDataError` and a malformed ground-truth dict ``DatasetError``."""
     if not 0.0 <= bg_iou < fg_iou <= 1.0:
         raise AnalysisError(f"TIDE thresholds need 0 <= bg_iou < fg_iou <= 1, got bg_iou={bg_iou}, fg_iou={fg_iou}")
     if isinstance(coco_gt, dict):  # pycocotools writes 'ignore' into the annotations: index a copy
@@ -138,25 +139,26 @@ def tide_errors(coco_gt: COCO | dict, detections: Sequence[dict[str, Any]], imag
 
 def _detections_coco(coco_gt: COCO, detections: Sequence[dict[str, Any]]) -> COCO:
     """The detections as a pycocotools ``COCO`` (ids 1..N in list order, ``area`` = box area, as
-    ``loadRes`` makes them), after checking each one; the caller's dicts are not changed."""
+    ``loadRes`` makes them), after checking each one (:class:`RunDataError`: bad data, not a bad argument);
+    the caller's dicts are not changed."""
     if not isinstance(detections, (list, tuple)):
-        raise AnalysisError(f"detections must be a list of COCO results, got a {type(detections).__name__}")
+        raise RunDataError(f"detections must be a list of COCO results, got a {type(detections).__name__}")
     anns = []
     for n, det in enumerate(detections):
         where = f"detection {n}"
         if not isinstance(det, dict) or not {"image_id", "category_id", "bbox", "score"} <= det.keys():
-            raise AnalysisError(f"{where}: needs image_id, category_id, bbox [x, y, w, h] and score, got {det!r}")
+            raise RunDataError(f"{where}: needs image_id, category_id, bbox [x, y, w, h] and score, got {det!r}")
         box, score = det["bbox"], det["score"]
         if (not isinstance(box, (list, tuple)) or len(box) != 4
                 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (*box, score))
                 or box[2] < 0 or box[3] < 0):
-            raise AnalysisError(f"{where}: bbox must be 4 finite numbers [x, y, w, h] with w, h >= 0 and score "
+            raise RunDataError(f"{where}: bbox must be 4 finite numbers [x, y, w, h] with w, h >= 0 and score "
                                 f"a finite number, got bbox {box!r}, score {score!r}")
         if not isinstance(det["image_id"], int) or det["image_id"] not in coco_gt.imgs:
-            raise AnalysisError(f"{where}: image_id {det['image_id']!r} is not an image of the ground truth; were "
+            raise RunDataError(f"{where}: image_id {det['image_id']!r} is not an image of the ground truth; were "
                                 f"these results made on another annotation file?")
         if not isinstance(det["category_id"], int) or det["category_id"] not in coco_gt.cats:
-            raise AnalysisError(f"{where}: category_id {det['category_id']!r} is not a category of the ground "
+            raise RunDataError(f"{where}: category_id {det['category_id']!r} is not a category of the ground "
                                 f"truth (ids {sorted(coco_gt.cats)})")
         anns.append({"id": n + 1, "image_id": det["image_id"], "category_id": det["category_id"],
                      "bbox": [float(v) for v in box], "score": float(score), "area": float(box[2] * box[3]),

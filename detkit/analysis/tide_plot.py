@@ -19,7 +19,7 @@ MEANINGS = {
     "Both": "wrong class and IoU in [t_b, t_f) (every other false positive); fix: remove it",
     "Dupl": "IoU >= t_f with an object its class already matched; fix: remove it",
     "Bkg": "IoU <= t_b with every object; fix: remove it",
-    "Miss": "an object no detection matched or came near (no Cls/Loc error on it); fix: remove it from the GT",
+    "Miss": "an object no detection matched and no Cls/Loc error points at; fix: remove it from the GT",
 }
 
 
