@@ -67,6 +67,9 @@ class ToyModel(nn.Module):
     def loss_names(self):
         return ["mse", "l1"]
 
+    def weight_schedules(self):  # as Detector's
+        return [m.weight_schedule for m in self.modules() if isinstance(m, L1Loss) and m.weight_schedule is not None]
+
 
 def toy_trainer(work, hooks=(), batch=4, accumulate=1, epochs=2, workers=0, state=None, n=16, model=None):
     torch.manual_seed(0)

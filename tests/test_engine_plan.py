@@ -10,6 +10,8 @@ import torch
 
 from detkit.config import load_config
 from detkit.engine import Hook, build_trainer
+from detkit.engine.hooks.schedule import weight_schedules
+from detkit.models import build_detector
 from tests.cli_runner import tiny_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,3 +69,14 @@ def test_the_engine_imports_no_layer_above_it_nor_the_plotting():
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.startswith(above)]
     assert found == []
+
+
+def test_detector_lists_its_scheduled_loss_weights_once():
+    small = ["model.neck.out_channels=16", "model.head.feat_channels=16", "model.head.num_convs=1"]
+    cfg = load_config(DEFAULT_CFG, [*small, "model.head.losses.bbox.loss_weight={type: LinearWeight, start: 0.0, "
+                                            "end: 2.0, iters: 10}"])
+    model = build_detector(cfg["model"])
+    schedules = model.weight_schedules()
+    assert schedules == [model.head.losses.terms["bbox"][0].weight_schedule] and model.weight_schedules() is schedules
+    assert weight_schedules(model) is schedules and weight_schedules(torch.nn.Linear(1, 1)) == []
+    assert build_detector(load_config(DEFAULT_CFG)["model"]).weight_schedules() == []

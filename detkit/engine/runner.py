@@ -32,6 +32,7 @@ from detkit.engine.compiled_step import CompiledLoss
 from detkit.engine.evaluator import EvalSettings, eval_classes, evaluate_model
 from detkit.engine.hooks import BestCheckpointHook, CloseMosaic, TermGradNormHook, build_hooks
 from detkit.engine.hooks.close_mosaic import mixing_steps
+from detkit.engine.hooks.schedule import weight_schedules
 from detkit.engine.load_from import load_pretrained
 from detkit.engine.optim import build_optimizer, check_optimizer_spec
 from detkit.engine.precision import resolve_amp
@@ -177,7 +178,7 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
             raise ConfigError("train.compile: full runs in one process for now; under torchrun use train.compile: true")
         train_model = DistributedDataParallel(model, device_ids=[local_rank] if dev.type == "cuda" else None)
     if settings.compile == "full":
-        if any(getattr(m, "weight_schedule", None) is not None for m in model.modules()):
+        if weight_schedules(model):
             raise ConfigError("train.compile: full cannot follow a loss_weight schedule (a recompile per step); "
                               "use a constant loss_weight or train.compile: true")
         train_model = CompiledLoss(model, channels_last=settings.channels_last)

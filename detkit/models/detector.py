@@ -7,6 +7,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from detkit.losses.reduce import WeightedLoss
+from detkit.losses.weights import WeightSchedule
 from detkit.registry import BACKBONES, HEADS, NECKS
 
 # torchvision's ImageNet statistics, in 0..255 pixel units.
@@ -58,10 +60,19 @@ class Detector(nn.Module):
         self.head = HEADS.build(head, "head", in_channels=self.neck.out_channels)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        self._weight_schedules: list[WeightSchedule] | None = None
 
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
+
+    def weight_schedules(self) -> list[WeightSchedule]:
+        """The scheduled ``loss_weight`` of each of this detector's losses (``LossWeightScheduleHook`` moves
+        them to the step); found once: the losses are built with the model."""
+        if self._weight_schedules is None:
+            self._weight_schedules = [m.weight_schedule for m in self.modules()
+                                      if isinstance(m, WeightedLoss) and m.weight_schedule is not None]
+        return self._weight_schedules
 
     def loss_names(self) -> list[str]:
         """The names of the loss terms ``loss()`` returns (one per loss spec of the head)."""

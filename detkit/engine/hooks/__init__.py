@@ -20,7 +20,7 @@ from detkit.engine.hooks.evaluation import BestCheckpointHook, EarlyStopHook, Ev
 from detkit.engine.hooks.grad_norm import TermGradNormHook
 from detkit.engine.hooks.logger import LoggerHook
 from detkit.engine.hooks.nan_guard import NaNGuardHook, NonFiniteLossError
-from detkit.engine.hooks.schedule import LossWeightScheduleHook, LRScheduleHook
+from detkit.engine.hooks.schedule import LossWeightScheduleHook, LRScheduleHook, weight_schedules
 from detkit.engine.hooks.watchdog import StallWatchdogHook
 from detkit.engine.settings import TrainSettings
 from detkit.registry import HOOKS, ConfigError
@@ -50,7 +50,7 @@ def build_hooks(cfg: dict[str, Any], s: TrainSettings, val_loader: Any, model: n
                          TermGradNormHook(s.grad_norm_interval or s.log_interval),
                          CheckpointHook(s.checkpoint_interval, s.checkpoint_interval_iters, s.keep_checkpoints),
                          LoggerHook(s.log_interval)]
-    if any(getattr(m, "weight_schedule", None) is not None for m in model.modules()):
+    if weight_schedules(model):
         hooks.append(LossWeightScheduleHook())
     if any(callable(getattr(m, "set_epoch", None)) for m in model.modules()):
         hooks.append(SetEpochHook())

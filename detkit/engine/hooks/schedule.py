@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping
 
+from torch import nn
+
 from detkit.engine.hooks.base import Hook
+from detkit.losses.weights import WeightSchedule
 from detkit.registry import HOOKS, SCHEDULERS
 
 if TYPE_CHECKING:
@@ -36,16 +39,25 @@ class LRScheduleHook(Hook):
             group["lr"] = base * factor
 
 
+def weight_schedules(model: nn.Module) -> list[WeightSchedule]:
+    """``model.weight_schedules()`` (:class:`~detkit.models.detector.Detector` has it); a model without that
+    method (torchvision's FCOS) has no detkit loss, so no schedule."""
+    own = getattr(model, "weight_schedules", None)
+    return own() if own is not None else []
+
+
 @HOOKS.register()
 class LossWeightScheduleHook(Hook):
-    """Moves every scheduled ``loss_weight`` (``{type: LinearWeight, ...}``) to the step's iteration."""
+    """Moves every scheduled ``loss_weight`` (``{type: LinearWeight, ...}``) of the model to the step's iteration."""
 
     priority = 25
 
-    def before_step(self, trainer: "Trainer") -> None:
-        from detkit.losses.weights import WeightSchedule
+    def __init__(self) -> None:
+        self.schedules: list[WeightSchedule] = []
 
-        for module in trainer.model.modules():
-            schedule = getattr(module, "weight_schedule", None)
-            if isinstance(schedule, WeightSchedule):
-                schedule.iter = trainer.iter
+    def before_train(self, trainer: "Trainer") -> None:
+        self.schedules = weight_schedules(trainer.model)
+
+    def before_step(self, trainer: "Trainer") -> None:
+        for schedule in self.schedules:
+            schedule.iter = trainer.iter
