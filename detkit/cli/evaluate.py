@@ -41,7 +41,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def report_evaluation(cfg: dict, checkpoint: str, work_dir: Path, show_dir: str | None) -> None:
     """The report of the evaluation just written to ``work_dir/results.json`` (and ``show_dir``'s drawings)."""
-    from detkit.analysis.report import write_eval_report
+    from detkit.analysis.report import write_eval_report  # lazy (here and below): torch, kept out of --help
     from detkit.analysis.show import write_show_dir
     from detkit.data import build_dataset
     from detkit.engine.checkpoint import load_checkpoint

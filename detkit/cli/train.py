@@ -34,7 +34,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def eval_only(cfg: dict, work_dir: Path, resume: str | None, device: str | None) -> int:
     """``train --eval-only --resume [CKPT]``: evaluate those weights, into ``work_dir/eval_<name>/``."""
-    from detkit.engine.checkpoint import find_resume_checkpoint
+    from detkit.engine.checkpoint import find_resume_checkpoint  # lazy (here and below): torch, kept out of --help
     from detkit.engine.runner import evaluate_checkpoint
 
     if resume is None:
@@ -49,7 +49,7 @@ def eval_only(cfg: dict, work_dir: Path, resume: str | None, device: str | None)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from detkit.analysis.compare import compare
+    from detkit.analysis.compare import compare  # lazy: torch, kept out of --help
 
     return compare(args)
 
