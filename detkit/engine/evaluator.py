@@ -16,7 +16,9 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
 from detkit.data.class_map import keep_categories, match_classes
+from detkit.distributed import all_gather_objects, get_rank, is_distributed
 from detkit.engine.precision import autocast
+from detkit.engine.run_log import progress
 from detkit.engine.settings import section_settings
 from detkit.ops.tiles import TileSettings, sliced_predict
 from detkit.registry import ConfigError
@@ -123,7 +125,7 @@ def cocoeval_class(backend: str) -> tuple[Any, Any]:
     """``(COCO class, COCOeval class)`` of ``backend``; :class:`EvalBackendMissing` when not installed."""
     if backend == "pycocotools":
         return COCO, COCOeval
-    try:
+    try:  # why here: an optional package (the fast-eval extra), imported only when eval.backend names it
         from faster_coco_eval import COCO as FasterCOCO
         from faster_coco_eval import COCOeval_faster
     except ImportError:
@@ -202,9 +204,6 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: str
     (``backend``: pycocotools or faster_coco_eval) on rank 0, in the categories of ``classes``
     (:func:`eval_classes`; None: the model's labels are the dataset's, one to one). With ``tiles``, each
     image is predicted sliced (:func:`~detkit.ops.tiles.sliced_predict`, tiles padded to multiples of 32)."""
-    from detkit.distributed import all_gather_objects, get_rank, is_distributed
-    from detkit.engine.run_log import progress
-
     dataset, was_training = loader.dataset, model.training
     if classes is None:
         classes = EvalClasses(dict(enumerate(dataset.cat_ids)), dataset.coco, list(dataset.classes))

@@ -23,6 +23,7 @@ from detkit.distributed import any_rank, get_rank, get_world_size, is_distribute
 from detkit.engine.checkpoint import (
     check_model_weights,
     check_resumable,
+    evaluation_weights,
     find_resume_checkpoint,
     load_checkpoint,
     load_model_weights,
@@ -281,8 +282,6 @@ def evaluate_checkpoint(cfg: dict[str, Any], checkpoint: str, work_dir: Path, de
 
     Writes ``log.txt``, ``metrics.jsonl`` and ``results.json`` into ``work_dir``; no trainer involved.
     """
-    from detkit.engine.checkpoint import evaluation_weights
-
     settings = TrainSettings.from_config(cfg)
     if "val" not in (cfg.get("data") or {}):
         raise ConfigError("data.val: no validation dataset in the config")
