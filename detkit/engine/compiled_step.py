@@ -70,6 +70,8 @@ class CompiledLoss(nn.Module):
         if not isinstance(model, Detector):
             raise ConfigError(f"train.compile: full needs a detkit detector (backbone, neck, head with a loss); "
                               f"{type(model).__name__} is not one: use train.compile: true")
+        if model.teacher is not None:  # losses() below calls the head's loss without the teacher's outputs
+            raise ConfigError("train.compile: full does not run model.teacher; use train.compile: true")
         self.model, self.channels_last = model, channels_last
         if backend != "inductor":
             mode = None

@@ -40,6 +40,7 @@ from detkit.engine.precision import resolve_amp
 from detkit.engine.rng import seed_everything
 from detkit.engine.run_log import setup_logging
 from detkit.engine.settings import TrainSettings
+from detkit.engine.teacher import with_teacher
 from detkit.engine.trainer import Trainer
 from detkit.engine.workdir import WorkDirLock, check_new_run, clear_previous_run
 from detkit.engine.writers import (
@@ -160,7 +161,7 @@ def build_trainer(cfg: dict[str, Any], work_dir: Path, device: str | None = None
     # the training set before the model: class_weight: auto is computed from its boxes per class
     train_set = build_dataset(cfg["data"]["train"], "data.train") if "train" in cfg["data"] else None
     cfg["model"] = resolve_class_weights(cfg["model"], train_set)  # config.yaml and checkpoints keep the numbers
-    model = build_detector(cfg["model"]).to(dev)
+    model = with_teacher(build_detector(cfg["model"]), getattr(train_set, "classes", None)).to(dev)
     if settings.sync_bn and is_distributed():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     loader = build_dataloader(cfg["data"], "train", seed=settings.seed, rank=rank, world_size=world, dataset=train_set)

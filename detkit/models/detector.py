@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from detkit.losses.reduce import WeightedLoss
 from detkit.losses.weights import WeightSchedule
+from detkit.models.teacher import FrozenTeacher, check_distill_terms, teacher_spec
 from detkit.registry import BACKBONES, HEADS, NECKS
 
 # torchvision's ImageNet statistics, in 0..255 pixel units.
@@ -50,16 +51,24 @@ class Detector(nn.Module):
     The head owns its assigner and loss terms (``head.loss``) and its decoding (``head.predict``);
     ``loss(images, targets)`` -> ``{term: weighted loss}``, ``predict(images, image_sizes)`` -> per
     image ``{"boxes" (n, 4) x1y1x2y2 input pixels, "scores" (n,), "labels" (n,)}``.
+
+    ``teacher``: ``model.teacher`` of a distillation run (``{checkpoint: PATH}``), checked here; the engine
+    loads it into :attr:`teacher` (:func:`detkit.engine.teacher.with_teacher`), which ``loss`` then runs.
     """
 
+    #: the frozen teacher whose outputs the head's distillation terms take (not a submodule: never saved)
+    teacher: FrozenTeacher | None = None
+
     def __init__(self, backbone: dict, neck: dict, head: dict, pixel_mean: Sequence[float] = PIXEL_MEAN,
-                 pixel_std: Sequence[float] = PIXEL_STD) -> None:
+                 pixel_std: Sequence[float] = PIXEL_STD, teacher: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.backbone = BACKBONES.build(backbone, "backbone")
         self.neck = NECKS.build(neck, "neck", in_channels=self.backbone.out_channels)
         self.head = HEADS.build(head, "head", in_channels=self.neck.out_channels)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
+        self.teacher_spec = teacher_spec(teacher)
+        check_distill_terms(self.head, self.teacher_spec)
         self._weight_schedules: list[WeightSchedule] | None = None
 
     @property
@@ -92,7 +101,15 @@ class Detector(nn.Module):
         if targets is None:
             return outputs
         boxes, labels, mask = pad_targets(targets, self.pixel_mean.device, self.head.num_classes)
-        return self.head.loss(outputs, boxes, labels, mask)
+        if self.teacher is None:
+            return self.head.loss(outputs, boxes, labels, mask)
+        return self.head.loss(outputs, boxes, labels, mask, teacher=self.teacher(images))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "Detector":
+        # .to(device), .double(), channels_last: the teacher is no submodule, so it is moved here
+        if self.teacher is not None:
+            self.teacher.apply(fn)
+        return super()._apply(fn, recurse)
 
     @staticmethod
     def full_sizes(images: Tensor, image_sizes: Tensor | Sequence | None) -> Tensor:

@@ -19,7 +19,7 @@ from detkit.losses.terms import LossTerms
 from detkit.models.dense_head import DenseHead, LevelMaps, flatten_levels
 from detkit.models.detector import Detector
 from detkit.ops.boxes import aligned_box_iou, bbox2distance, distance2bbox, gather_cells
-from detkit.registry import DETECTORS, HEADS, positive_int
+from detkit.registry import DETECTORS, HEADS, check_keys, positive_int
 
 #: The loss kinds each GFL term takes: the cls term takes a (labels, IoU) quality target.
 GFL_TERMS = {"cls": ("quality",), "bbox": ("box",), "dfl": ("distribution",)}
@@ -28,6 +28,9 @@ GFL_LOSSES = {
     "bbox": {"type": "GIoULoss", "loss_weight": 2.0},
     "dfl": {"type": "DistributionFocalLoss", "loss_weight": 0.25},
 }
+#: Optional distillation terms (``model.teacher``, docs/distillation.md): ld on the box distributions, kd on the
+#: class scores, both of the positives.
+GFL_DISTILL_TERMS = {"ld": ("distillation",), "kd": ("distillation",)}
 #: DFL targets stop this far below ``reg_max`` (mmdetection's ``DistancePointBBoxCoder`` eps).
 DFL_MARGIN = 0.1
 
@@ -61,7 +64,8 @@ class GFLHead(DenseHead):
         losses: ``{cls, bbox, dfl}``: cls a quality loss (QualityFocalLoss or VarifocalLoss) taking
             ``(labels, IoU)``; bbox a box loss on the decoded boxes (stride units); dfl
             DistributionFocalLoss. bbox and dfl are weighted per point by its predicted score and
-            normalised by the sum of those weights, as in the paper.
+            normalised by the sum of those weights, as in the paper. Optional, with a ``model.teacher``:
+            ld and kd (``KnowledgeDistillationKLDivLoss``), see :meth:`distill_losses`.
     Forward: FPN maps -> :class:`GFLOutputs` of per-level lists.
     """
 
@@ -79,13 +83,20 @@ class GFLHead(DenseHead):
         self.cls_out = nn.Conv2d(feat_channels, num_classes, 3, padding=1)
         self.reg_out = nn.Conv2d(feat_channels, 4 * (self.reg_max + 1), 3, padding=1)
         self.init_weights(self.cls_out, prior_prob)
-        self.losses = LossTerms(losses if losses is not None else GFL_LOSSES, GFL_TERMS)
+        specs = losses if losses is not None else GFL_LOSSES
+        if isinstance(specs, Mapping):  # name the optional terms too when a term is misspelt
+            check_keys(specs, [*GFL_TERMS, *GFL_DISTILL_TERMS], "losses", "loss term")
+        #: the distillation terms configured (the detector needs a teacher exactly when there are some)
+        self.distill_terms = tuple(t for t in GFL_DISTILL_TERMS if isinstance(specs, Mapping) and t in specs)
+        self.losses = LossTerms(specs, {**GFL_TERMS, **{t: GFL_DISTILL_TERMS[t] for t in self.distill_terms}})
 
     def forward_level(self, cls_feat: Tensor, reg_feat: Tensor, scale: nn.Module) -> GFLOutputs:
         return GFLOutputs(self.cls_out(cls_feat), scale(self.reg_out(reg_feat)).float())
 
-    def loss(self, outputs: GFLOutputs, gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor) -> dict[str, Tensor]:
-        """Weighted loss terms for padded GT ``boxes (B, G, 4)``, ``labels (B, G)``, ``mask (B, G)``."""
+    def loss(self, outputs: GFLOutputs, gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor,
+             teacher: GFLOutputs | None = None) -> dict[str, Tensor]:
+        """Weighted loss terms for padded GT ``boxes (B, G, 4)``, ``labels (B, G)``, ``mask (B, G)``;
+        ``teacher``: the teacher's outputs on the same batch, for the distillation terms."""
         priors = self.priors(outputs.cls)
         cls = flatten_levels(outputs.cls)  # (B, P, C)
         dist = flatten_levels(outputs.distribution)  # (B, P, 4 (n + 1))
@@ -108,13 +119,39 @@ class GFLHead(DenseHead):
         batch, num_points = positive.shape
         # Box and DFL terms run over every point with zero weight on negatives: no boolean indexing,
         # so no host sync and static shapes for torch.compile.
-        return {
+        terms = {
             **self.losses("cls", cls, (assigned.labels, quality), avg_factor=num_pos),
             **self.losses("bbox", pred_boxes, target_boxes, weight=weight, avg_factor=weight_sum),
             **self.losses("dfl", dist.reshape(batch, num_points * 4, self.reg_max + 1),
                           side_targets.reshape(batch, num_points * 4), weight=weight.repeat_interleave(4, dim=1),
                           avg_factor=4 * weight_sum),
         }
+        return {**terms, **self.distill_losses(cls, dist, teacher, positive, weight, num_pos)}
+
+    def distill_losses(self, cls: Tensor, dist: Tensor, teacher: GFLOutputs | None, positive: Tensor, weight: Tensor,
+                       num_pos: Tensor) -> dict[str, Tensor]:
+        """The distillation terms against the ``teacher``'s outputs, on the positives ``(B, P)``.
+
+        ld: each side's bin logits ``(B, 4 P, reg_max + 1)``, weighted by ``weight (B, P)`` (the student's
+        score at each positive, as bbox/DFL), summed and divided by 4, as mmdetection's ``LDHead`` (not
+        averaged over the positives). kd: the class logits ``cls (B, P, C)`` of the positives, averaged
+        over ``num_pos`` (the classification term's normaliser).
+        """
+        if not self.distill_terms:
+            return {}
+        if teacher is None:
+            raise ValueError(f"{type(self).__name__}: the loss terms {list(self.distill_terms)} need the teacher's "
+                             f"outputs (model.teacher)")
+        batch, num_points = positive.shape
+        terms: dict[str, Tensor] = {}
+        if "ld" in self.distill_terms:
+            sides = (batch, num_points * 4, self.reg_max + 1)
+            terms.update(self.losses("ld", dist.reshape(sides), flatten_levels(teacher.distribution).reshape(sides),
+                                     weight=weight.repeat_interleave(4, dim=1), avg_factor=4.0))
+        if "kd" in self.distill_terms:
+            terms.update(self.losses("kd", cls, flatten_levels(teacher.cls), weight=positive.float(),
+                                     avg_factor=num_pos))
+        return terms
 
     def level_scores(self, maps: GFLOutputs) -> Tensor:
         return maps.cls.float().sigmoid()
