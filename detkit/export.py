@@ -12,6 +12,7 @@ empty slots have box 0, score 0, label -1 (M = head.max_per_img or head.topk).
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -23,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detkit.deploy.openvino import WEIGHTS_SUFFIX, calibration_inputs, load_openvino, onnx_to_openvino
 from detkit.deploy.parity import ParityError, ParityReport, Runner, check_parity
+from detkit.deploy.validate import VAL_TOL, Validation, ValidationError
 from detkit.files import replaced_on_success
 from detkit.registry import ConfigError
 
@@ -62,6 +65,7 @@ class ExportOptions:
 
     size_divisor: int = 32
     dynamo: bool = True
+    calibration: tuple[tuple[Tensor, Tensor], ...] = ()  # OpenVINO int8: (images, image_sizes) inputs; () = fp32
 
 
 def full_sizes(images: Tensor) -> Tensor:
@@ -80,12 +84,14 @@ def examples(batch: int) -> tuple[Tensor, Tensor]:
 
 @contextmanager
 def quiet_export() -> Iterator[None]:
-    """Silence what torch says while tracing/exporting and that is not the user's business:
-    deprecation notices of ``torch.jit``/``torch.onnx`` and the tracer's warnings on shape-dependent Python
-    values (the exported file is checked against PyTorch instead). Other warnings still show."""
+    """Silence what torch and torchvision say while tracing/exporting and that is not the user's business
+    (deprecation notices of ``torch.jit``, ``torch.onnx`` and torchvision's NMS registration, the tracer's
+    warnings on shape-dependent values: the file is checked against PyTorch instead), by message or category:
+    other warnings still show."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+        warnings.filterwarnings("ignore", "`create_unbacked_symint` is deprecated", FutureWarning)  # torchvision's nms
         for legacy_onnx in ("You are using the legacy TorchScript-based ONNX export", "The feature will be removed"):
             warnings.filterwarnings("ignore", legacy_onnx, DeprecationWarning)
         warnings.filterwarnings("ignore", "# The axis name: .* will not be used", UserWarning)  # torch.export's Dim
@@ -148,6 +154,14 @@ def load_torchscript(path: Path) -> Runner:
     return run
 
 
+def export_openvino(detector: nn.Module, path: Path, options: ExportOptions) -> Path:
+    """OpenVINO IR at ``path`` (+ its ``.bin``): the ONNX graph of :func:`export_onnx` converted by OpenVINO,
+    quantized to int8 when ``options.calibration`` holds inputs (:func:`~detkit.deploy.openvino.onnx_to_openvino`)."""
+    with tempfile.TemporaryDirectory(dir=Path(path).parent) as folder:
+        onnx = export_onnx(detector, Path(folder) / "model.onnx", options)
+        return onnx_to_openvino(onnx, Path(path), options.calibration)
+
+
 @dataclass(frozen=True)
 class ExportFormat:
     """One ``--format``: its file suffix, the packages it needs (and the extra that brings them), how it
@@ -158,12 +172,16 @@ class ExportFormat:
     packages: Callable[[ExportOptions], tuple[str, ...]]
     export: Callable[[nn.Module, Path, ExportOptions], Any]
     load: Callable[[Path], Runner]
+    sidecar: str = ""  # suffix of a second file written beside the first (OpenVINO's weights), moved with it
 
 
 FORMATS: dict[str, ExportFormat] = {
     "onnx": ExportFormat(".onnx", "export", lambda o: ("onnx", "onnxruntime") + (("onnxscript",) if o.dynamo else ()),
                          export_onnx, load_onnx),
     "torchscript": ExportFormat(".pt", "export", lambda o: (), export_torchscript, load_torchscript),
+    "openvino": ExportFormat(".xml", "openvino", lambda o: ("openvino", "onnx") + (("onnxscript",) if o.dynamo else ())
+                             + (("nncf",) if o.calibration else ()), export_openvino, load_openvino,
+                             sidecar=WEIGHTS_SUFFIX),
 }
 
 
@@ -181,7 +199,8 @@ def require(module: str, extra: str = "export") -> None:
     try:
         importlib.import_module(module)
     except ImportError:
-        raise ConfigError(f"export needs the '{module}' package: pip install \"detkit[{extra}]\"") from None
+        raise ConfigError(f"export needs the '{module}' package: pip install {module} (or all that this --format "
+                          f"needs: pip install \"detkit[{extra}]\")") from None
 
 
 def check_export_target(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
@@ -193,6 +212,11 @@ def check_export_target(checkpoint: str | Path, fmt: str, out: str | Path) -> Pa
     if out.resolve() == checkpoint.resolve() or (out.exists() and checkpoint.exists() and out.samefile(checkpoint)):
         raise ConfigError(f"--out {out} is the checkpoint being exported ({checkpoint}); writing it would replace "
                           f"the checkpoint: give another file, e.g. {checkpoint.with_suffix(suffix)}")
+    sidecar = FORMATS[fmt].sidecar
+    if sidecar and (out.suffix != suffix or out.with_suffix(sidecar).resolve() == checkpoint.resolve()):
+        example = out.parent / f"{checkpoint.stem}_{fmt}{suffix}"
+        raise ConfigError(f"--format {fmt} writes {out.with_suffix(suffix).name} and its {sidecar} beside it: give "
+                          f"--out a {suffix} name that is not the checkpoint's, e.g. {example}")
     return out
 
 
@@ -206,9 +230,13 @@ def write(fmt: str, detector: nn.Module, path: Path, options: ExportOptions) -> 
         raise ExportError(f"exporting to {fmt} failed ({type(err).__name__}: {reason})") from err
 
 
-def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo: bool = True) -> ParityReport:
+def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo: bool = True,
+                      val_tol: float | None = None, int8: int | None = None) -> ParityReport:
     """Export ``checkpoint``'s inference weights to ``out`` and check the file against ``predict``
     (:func:`detkit.deploy.parity.check_parity`: several sizes and a padded batch, detections matched as sets).
+    With ``val_tol`` (AP points) the file's val AP must also be within it of PyTorch's
+    (:class:`~detkit.deploy.validate.Validation`). ``int8`` (OpenVINO; None: fp32): quantize with that many val
+    images for calibration; its detections move by more than float rounding, so it is checked by val AP only.
 
     The file is written to a temporary file beside ``out`` and moved over it only once the check passed; an
     exporter error or a failed check is an :class:`ExportError` and leaves an existing ``out`` as it was.
@@ -218,10 +246,15 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo:
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = check_export_target(checkpoint, fmt, out)
+    if int8 is not None and fmt != "openvino":
+        raise ConfigError(f"--int8 quantizes OpenVINO models: use it with --format openvino, not {fmt}")
     model = load_detector(checkpoint, device="cpu")
-    options = ExportOptions(size_divisor=model.size_divisor, dynamo=dynamo)
+    calibration = () if int8 is None else tuple(calibration_inputs(model.config, int8, model.size_divisor))
+    options = ExportOptions(size_divisor=model.size_divisor, dynamo=dynamo, calibration=calibration)
     for module in FORMATS[fmt].packages(options):
         require(module, FORMATS[fmt].extra)
+    tol = VAL_TOL if val_tol is None else val_tol  # --int8 is always checked by val AP
+    validation = None if val_tol is None and int8 is None else Validation(model, tol)
     if fmt == "torchscript" and getattr(model.model.head, "stride_from_input", False):
         raise ConfigError("--format torchscript: this head spaces points by the input size (stride_from_input), "
                           "which a trace freezes at one size; export to onnx instead")
@@ -232,12 +265,21 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo:
         with tempfile.TemporaryDirectory(dir=out.parent) as folder:
             return write(fmt, model.model, Path(folder) / f"check{FORMATS[fmt].suffix}", options)
 
+    sidecar = FORMATS[fmt].sidecar
     with replaced_on_success(out) as tmp:
         try:
-            report = check_parity(model, write(fmt, model.model, tmp, options), write_again)
-        except (ExportError, ParityError) as err:
+            run = write(fmt, model.model, tmp, options)
+            report = check_parity(model, run, write_again) if int8 is None else ParityReport()
+            report.validation = validation.check(run, fmt) if validation else None
+            if sidecar:  # before the main file: that is replaced when the block ends
+                os.replace(tmp.with_suffix(sidecar), out.with_suffix(sidecar))
+        except (ExportError, ParityError, ValidationError) as err:
             raise ExportError(f"{checkpoint} -> {fmt}: {err}; {kept}") from err
-    report.path, report.mib = out, out.stat().st_size / 2 ** 20
+        finally:
+            if sidecar:
+                tmp.with_suffix(sidecar).unlink(missing_ok=True)
+    report.path = out
+    report.mib = sum(p.stat().st_size for p in {out, out.with_suffix(sidecar or out.suffix)}) / 2 ** 20
     return report
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,6 @@ import torch
 from detkit.api import DetectorModel
 from detkit.config import load_config
 from detkit.data.collate import collate_detection
-from detkit.engine.checkpoint import save_checkpoint
 from detkit.export import FORMATS, ExportOptions, full_sizes
 from detkit.models import build_detector
 from tests.detections import paired_max_diff
@@ -79,14 +76,3 @@ def test_exported_model_equals_predict_at_any_size_and_in_a_padded_batch(tmp_pat
         assert_same_detections(outputs, reference, n)
         assert bool((outputs[0][n, :, 2] <= SIZES[n][1]).all() and (outputs[0][n, :, 3] <= SIZES[n][0]).all())
 
-
-def test_export_cli_checks_the_file_it_writes(tmp_path):
-    model = spread_model("fcos")
-    cfg = load_config(*CONFIGS["fcos"])
-    save_checkpoint({"model": model.state_dict(), "config": cfg, "classes": ["a", "b", "c", "d"]}, tmp_path / "m.pth")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools/export.py"), "--checkpoint", str(tmp_path / "m.pth"),
-                           "--format", "onnx", "--legacy-exporter", "--out", str(tmp_path / "out/m.onnx")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "detections matched" in proc.stdout and (tmp_path / "out/m.onnx").is_file()
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["m.onnx"]  # no temporary file left
