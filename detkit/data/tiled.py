@@ -76,11 +76,11 @@ class TiledDataset(Dataset):
         if isinstance(dataset, Mapping) and dataset.get("transforms"):
             raise ConfigError(f"{config_path('dataset.transforms')}: the inner dataset's transforms would run on the "
                               f"whole image before tiling; move them to {config_path('transforms')}")
-        self.dataset = build_dataset(dataset, "dataset")
+        self.dataset: Any = build_dataset(dataset, "dataset")  # a CocoDataset or a subclass (checked below)
         if not hasattr(self.dataset, "_targets"):
             raise ConfigError(f"{config_path('dataset')}: TiledDataset wraps the COCO-based datasets (CocoDataset, "
                               f"VOCDataset, YOLODataset, ShapesDataset), not {type(self.dataset).__name__}")
-        inner = self.dataset
+        inner: Any = self.dataset
         self.classes, self.cat_ids = inner.classes, inner.cat_ids
         self.img_dir, self.ann_file = inner.img_dir, inner.ann_file  # tile file names are the source images'
         self.index = self._build_index(positive_int(seed, "seed", minimum=0))
@@ -97,7 +97,8 @@ class TiledDataset(Dataset):
     def _build_index(self, seed: int) -> Tensor:
         """``(N, 3)`` int64 rows ``(inner item, x1, y1)``: every grid tile holding a box, then an
         ``empty_ratio`` share of the empty ones drawn with ``seed``, in image and grid order."""
-        full, empty = [], []
+        full: list[tuple[int, int, int]] = []
+        empty: list[tuple[int, int, int]] = []
         for k in range(len(self.dataset)):
             height, width, boxes, _ = self._source(k)
             for window in tile_grid(height, width, self.size, self.overlap).tolist():
@@ -113,7 +114,8 @@ class TiledDataset(Dataset):
     def _tile_coco(self) -> Any:
         """The COCO index of the tiles: image ``n + 1`` is tile ``n`` (``file_name`` the source image's, ``tile``
         its window), with the boxes :func:`crop_boxes` keeps in it (xywh, tile pixels)."""
-        images, annotations = [], []
+        images: list[dict[str, Any]] = []
+        annotations: list[dict[str, Any]] = []
         for n, (k, x1, y1) in enumerate(self.index.tolist(), start=1):
             height, width, boxes, labels = self._source(k)
             th, tw = min(self.size, height), min(self.size, width)
