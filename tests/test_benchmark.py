@@ -206,7 +206,7 @@ def test_quick_benchmark_prints_all_tables(tmp_path):
 
 
 def test_fused_optimizer_is_default_but_not_with_foreach():
-    from detkit.engine.runner import fused_optimizer_spec
+    from detkit.engine.plan import fused_optimizer_spec
 
     assert fused_optimizer_spec({"type": "AdamW", "lr": 1e-3})["fused"] is True
     assert fused_optimizer_spec({"type": "AdamW", "fused": False})["fused"] is False

@@ -1,16 +1,21 @@
-"""The engine's run set-up: the first training steps of the default config stay bit-identical while the
-engine is restructured, and the engine imports only the layers below it."""
+"""The engine's run set-up: planning writes nothing, the hooks run in their fixed order, the first training
+steps of the default config stay bit-identical while the engine is restructured, the engine imports only
+the layers below it and keeps its functions short."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
 import torch
 
+import detkit.build  # noqa: F401  (registers DiagnosticsHook, as the CLI does)
 from detkit.config import load_config
-from detkit.engine import Hook, build_trainer
+from detkit.engine import Hook
 from detkit.engine.hooks.schedule import weight_schedules
+from detkit.engine.plan import plan_run
+from detkit.engine.runner import start_run
 from detkit.models import build_detector
 from tests.cli_runner import tiny_shapes
 
@@ -29,35 +34,57 @@ FIRST_STEPS = [
 ]
 
 
+class EnoughSteps(Exception):
+    pass
+
+
 class StepLosses(Hook):
-    """Test-only: the weighted terms and total of every applied step, as float.hex strings."""
+    """Test-only: the weighted terms and total of every applied step, as float.hex strings; stops the run
+    (before the end-of-epoch evaluation) after ``steps`` steps."""
 
     priority = 90
 
-    def __init__(self) -> None:
-        self.steps: list[dict[str, str]] = []
+    def __init__(self, steps: int) -> None:
+        self.stop, self.steps = steps, []
 
     def after_step(self, trainer) -> None:
         result = trainer.result
         self.steps.append({**{k: float(v).hex() for k, v in result.losses.items()}, "total": float(result.total).hex()})
+        if len(self.steps) == self.stop:
+            raise EnoughSteps
 
 
-def test_first_steps_of_the_default_config_are_bit_identical(tmp_path):
+def test_plan_writes_nothing_and_the_first_steps_are_bit_identical(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the recorded sums are of one thread's reduction order
+    work = tmp_path / "work"
     try:
         cfg = load_config(DEFAULT_CFG, tiny_shapes(tmp_path / "data") + ["data.train.num_images=6", "train.seed=0"])
-        del cfg["data"]["val"]  # the losses only: no evaluation
-        trainer = build_trainer(cfg, tmp_path / "work", device="cpu")
-        losses = StepLosses()
+        plan = plan_run(cfg, work, device="cpu")
+        assert not work.exists()  # every component built and checked, no file written, no lock taken
+        trainer = start_run(plan)
+        assert (work / ".lock").is_file() and (work / "config.yaml").is_file() and trainer.lock is not None
+        # evaluate, save best.pth, queue the pictures (EarlyStopHook 65, AssignerHealthHook 75: not asked for here)
+        assert [h.name for h in trainer.hooks][-6:] == ["TermGradNormHook", "EvalHook", "BestCheckpointHook",
+                                                      "DiagnosticsHook", "CheckpointHook", "LoggerHook"]
+        losses = StepLosses(3)
         trainer.hooks.append(losses)
         try:
-            trainer.train()
+            with pytest.raises(EnoughSteps):
+                trainer.train()
         finally:
             trainer.writers.close()
     finally:
         torch.set_num_threads(threads)
     assert losses.steps == FIRST_STEPS
+    assert trainer.lock.file is None  # released when train() ended
+
+
+def test_no_engine_function_is_over_60_lines():
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted((ROOT / "detkit/engine").rglob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert long == []
 
 
 def test_the_engine_imports_no_layer_above_it_nor_the_plotting():

@@ -68,7 +68,7 @@ def test_leftover_temp_files_are_removed_and_resume_takes_the_most_iterations(tm
     save_checkpoint({"model": {}, "epoch": 1, "iter": 10}, work / "latest.pth")  # e.g. copied back by hand
     (work / ".latest.pth.abc123.tmp").write_bytes(b"half a checkpoint")  # a kill -9 during a save
     from detkit.engine.checkpoint import remove_stale_temp_files
-    from detkit.engine.runner import resume_state
+    from detkit.engine.plan import resume_state
 
     path, state = resume_state("auto", work)
     assert path.name == "epoch_2.pth" and state["iter"] == 20

@@ -34,7 +34,7 @@ from detkit.analysis.compare_sweep import (
 from detkit.config import import_modules, load_config
 from detkit.data import build_dataset
 from detkit.engine.checkpoint import CheckpointError, load_checkpoint
-from detkit.engine.runner import check_train_config
+from detkit.engine.plan import check_train_config
 from detkit.engine.settings import TrainSettings
 from detkit.models import build_detector
 from detkit.registry import ConfigError

@@ -16,8 +16,8 @@ from detkit.analysis.plotting import new_figure, save_figure
 from detkit.assigners.health import COCO_SIZES, SIZE_NAMES
 from detkit.data.loader import build_dataloader
 from detkit.engine.hooks.assigner_health import HealthProbe, loader_health, unsupported_reason
+from detkit.engine.plan import check_class_counts
 from detkit.engine.run_log import progress
-from detkit.engine.runner import check_class_counts
 from detkit.models import build_detector
 
 

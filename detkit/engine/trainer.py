@@ -14,18 +14,13 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from detkit.distributed import (
-    all_gather_objects,
-    any_rank,
-    get_rank,
-    get_world_size,
-    is_distributed,
-)
+from detkit.distributed import all_gather_objects, any_rank, get_rank, get_world_size, is_distributed
 from detkit.engine.hooks.base import EvalRecord, Hook
 from detkit.engine.interrupt import InterruptWatch, TrainingInterrupted
 from detkit.engine.memory import batch_image_ids, name_out_of_memory
 from detkit.engine.precision import autocast
 from detkit.engine.rng import rng_state, seed_everything, set_rng_state
+from detkit.engine.workdir import WorkDirLock
 from detkit.engine.writers import WriterGroup
 
 logger = logging.getLogger("detkit")
@@ -61,6 +56,7 @@ class Trainer:
         epochs, accumulate, grad_clip (max norm or None), amp (None | bf16 | fp16), seed: settings.
         channels_last: give the model its input batch in channels_last memory format.
         state: a checkpoint to resume from (loaded after ``before_train``).
+        writers: where hooks write records and pictures; lock: the work dir's, released when ``train`` ends.
     Counters: ``epoch`` (finished epochs), ``iter`` (optimizer updates applied), ``inner`` (steps
     consumed in the current epoch, the mid-epoch resume position).
     """
@@ -69,7 +65,8 @@ class Trainer:
                  work_dir: Path, device: torch.device, epochs: int, train_model: nn.Module | None = None,
                  accumulate: int = 1, grad_clip: float | None = None, amp: str | None = None, seed: int = 0,
                  channels_last: bool = False, cfg: Mapping[str, Any] | None = None,
-                 state: Mapping[str, Any] | None = None) -> None:
+                 state: Mapping[str, Any] | None = None, writers: WriterGroup | None = None,
+                 lock: WorkDirLock | None = None) -> None:
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.train_model = train_model or model
         self.hooks = sorted(hooks, key=lambda h: h.priority)
@@ -86,8 +83,8 @@ class Trainer:
         self.stop_reason: str | None = None  # set by a hook (early stop) to end training after this epoch
         self.last_eval: EvalRecord | None = None  # set by EvalHook after each evaluation
         self.summary: dict[str, Any] = {}  # run facts for the final report: wall_time, interrupted, files
-        self.writers: WriterGroup = WriterGroup([])  # the runner sets the run's writers (rank 0)
-        self.lock: Any = None  # the runner's work-dir lock (rank 0)
+        self.writers = writers or WriterGroup([])  # the run's writers (rank 0; none on the other ranks)
+        self.lock = lock  # the work dir's lock (rank 0), released when training ends
         self.watch: InterruptWatch | None = None  # SIGINT / SIGTERM while training
         self._state = state
 
