@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from detkit.data.sampler import EpochSampler, SeededDataset
 from detkit.engine import Hook, Trainer, TrainingInterrupted, load_checkpoint
-from detkit.engine.evaluator import Evaluation
+from detkit.engine.evaluator import EvalSettings, Evaluation
 from detkit.engine.hooks import (
     HOOKS,
     AssignerHealthHook,
@@ -135,6 +135,19 @@ def test_evaluation_hooks_run_after_each_other_in_a_fixed_order():
     order = [EvalHook, BestCheckpointHook, HOOKS.get("DiagnosticsHook"), EarlyStopHook, CheckpointHook,
              AssignerHealthHook, LoggerHook]
     assert [h.priority for h in order] == [60, 61, 62, 65, 70, 75, 80]
+
+
+def test_val_pictures_come_from_the_registered_diagnostics_hook_or_a_warning(monkeypatch):
+    import detkit.build  # noqa: F401  (registers detkit.analysis's DiagnosticsHook, as the CLI does)
+    from detkit.engine import hooks
+
+    assert hooks.picture_hooks("val set", 0, EvalSettings(diagnostics=False), None) == []  # nothing to draw
+    assert [h.name for h in hooks.picture_hooks("val set", 4, EvalSettings(), None)] == ["DiagnosticsHook"]
+    said = []
+    monkeypatch.setattr(hooks.logger, "warning", lambda msg, *args: said.append(msg % args))
+    monkeypatch.delitem(HOOKS._entries, "DiagnosticsHook")  # the engine used without detkit.build
+    assert hooks.picture_hooks("val set", 4, EvalSettings(), None) == []
+    assert len(said) == 1 and "no val pictures nor eval_epoch_N/" in said[0] and "import detkit.build" in said[0]
 
 
 def test_best_value_resumes_from_a_checkpoint_saved_before_the_split(tmp_path):
