@@ -9,7 +9,10 @@ than float rounding (near-tied scores swap, boxes move by several pixels).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,11 +44,17 @@ def onnx_to_openvino(onnx_path: Path, path: Path, calibration: Sequence[tuple[Te
 
     model = openvino.convert_model(str(onnx_path))
     if calibration:
-        import nncf
-
+        cpp_extension = logging.getLogger("torch.utils.cpp_extension")
+        level = cpp_extension.level
+        cpp_extension.setLevel(logging.ERROR)  # nncf's torch backend probes for CUDA at import: "No CUDA runtime"
+        try:
+            import nncf
+        finally:
+            cpp_extension.setLevel(level)
         dataset = nncf.Dataset(list(calibration), lambda item: {"images": item[0].numpy(),
                                                                   "image_sizes": item[1].numpy()})
-        model = nncf.quantize(model, dataset, subset_size=len(calibration))
+        with contextlib.redirect_stdout(sys.stderr):  # nncf's progress bars: with the log, not the command's output
+            model = nncf.quantize(model, dataset, subset_size=len(calibration))
     with tempfile.TemporaryDirectory(dir=Path(path).parent) as folder:  # save_model insists on a .xml name
         openvino.save_model(model, str(Path(folder) / "model.xml"), compress_to_fp16=False)
         os.replace(Path(folder) / "model.bin", weights_path(path))
