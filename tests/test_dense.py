@@ -4,6 +4,7 @@ the paper's positives-only formulation, CenterNet's own targets (``cornernet``) 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from detkit.assigners import ATSSAssigner, CenterNetAssigner
 from detkit.bench.references import per_image_atss_assign
 from detkit.models.centernet import CenterNetHead, CenterNetOutputs
 from detkit.models.gfl import DFL_MARGIN, GFLHead, GFLOutputs, integral
-from detkit.ops import aligned_box_iou, bbox2distance, dense_points, distance2bbox
+from detkit.ops import (box_around_origin, box_centers, box_clip, box_distance_decode, box_distance_encode,
+                        box_iou_aligned, dense_points, gather_cells)
 from tests.test_assigners import cornernet_radius, draw_umich_gaussian, random_boxes
 
 
@@ -23,10 +25,20 @@ def test_box_ops_invert_each_other_and_iou_matches_torchvision():
     g = torch.Generator().manual_seed(0)
     points = torch.rand(6, 2, generator=g) * 50
     ltrb = torch.rand(6, 4, generator=g) * 20
-    boxes = distance2bbox(points, ltrb)
-    torch.testing.assert_close(bbox2distance(points, boxes), ltrb)
-    other = distance2bbox(points + 3, ltrb.flip(-1))
-    torch.testing.assert_close(aligned_box_iou(boxes, other), box_iou(boxes, other).diagonal())
+    boxes = box_distance_decode(points, ltrb)
+    torch.testing.assert_close(box_distance_encode(points, boxes), ltrb)
+    torch.testing.assert_close(box_centers(box_distance_decode(points, ltrb[:, :2].repeat(1, 2))), points)  # l=r, t=b
+    torch.testing.assert_close(box_around_origin(ltrb), box_distance_decode(torch.zeros_like(points), ltrb))
+    other = box_distance_decode(points + 3, ltrb.flip(-1))
+    torch.testing.assert_close(box_iou_aligned(boxes, other), box_iou(boxes, other).diagonal())
+    clipped = box_clip(boxes[None] - 10, torch.tensor([[30, 40]]))[0]
+    assert clipped.min() >= 0 and (clipped[:, 0::2] <= 40).all() and (clipped[:, 1::2] <= 30).all()
+    # every op computes in float32 from bf16 inputs (autocast's dtype): pixels need the mantissa
+    half = [x.bfloat16() for x in (points, ltrb, boxes, other)]
+    outs = [box_distance_decode(half[0], half[1]), box_distance_encode(half[0], half[2]), box_around_origin(half[1]),
+            box_centers(half[2]), box_clip(half[2][None], torch.tensor([[30, 40]])), box_iou_aligned(half[2], half[3]),
+            gather_cells(half[2].T.reshape(1, 4, 2, 3), torch.tensor([[0, 5]]))]
+    assert all(out.dtype == torch.float32 for out in outs)
 
 
 def test_batched_atss_equals_per_image_reference():
@@ -65,7 +77,7 @@ def test_gfl_loss_equals_positives_only_formulation():
     dist = torch.cat([m.permute(0, 2, 3, 1).reshape(2, -1, 20) for m in outputs.distribution], 1)
     stride = priors.strides[p, None]
     centres = priors.points[p] / stride
-    pred = distance2bbox(centres, integral(dist[b, p], 4))
+    pred = box_distance_decode(centres, integral(dist[b, p], 4))
     target = assigned.boxes[b, p] / stride
     iou = box_iou(pred.detach(), target).diagonal()
     weight = cls[b, p].detach().sigmoid().amax(-1)
@@ -79,7 +91,7 @@ def test_gfl_loss_equals_positives_only_formulation():
     assert got["cls"].item() == pytest.approx(qfl.sum().item() / len(p), rel=1e-5)
     giou = generalized_box_iou_loss(pred, target, reduction="none")
     assert got["bbox"].item() == pytest.approx(2.0 * (weight * giou).sum().item() / max(weight.sum().item(), 1.0), rel=1e-5)
-    sides = bbox2distance(centres, target).clamp(0, 4 - DFL_MARGIN).reshape(-1)
+    sides = box_distance_encode(centres, target).clamp(0, 4 - DFL_MARGIN).reshape(-1)
     logits = dist[b, p].reshape(-1, 5)
     left = sides.long()
     dfl = F.cross_entropy(logits, left, reduction="none") * (left + 1 - sides) \
@@ -98,6 +110,13 @@ def test_gfl_predict_decodes_the_expected_distance():
     det = head.predict(GFLOutputs(cls=[cls], distribution=[dist]), torch.tensor([[100, 100]]))[0]
     assert det["labels"].tolist() == [1]
     torch.testing.assert_close(det["boxes"], torch.tensor([[0.0, 0.0, 20.0, 28.0]]))  # clipped at 0
+    # torch.jit.trace (TorchScript export) flattens the NamedTuple: the same maps in field order
+    feats = [torch.randn(1, 4, 3, 2, generator=torch.Generator().manual_seed(0))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation and list-output notices of the tracer
+        traced = GFLOutputs(*torch.jit.trace(head, (feats,), check_trace=False)(feats))
+    for got, want in zip(traced, head(feats)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_heads_take_keyword_arguments_only():

@@ -132,6 +132,13 @@ def test_tiles_config_trains_and_evaluates_sliced(tiles_run: Path) -> None:
     assert len(det["boxes"]) and float(det["boxes"][:, 2].max()) <= 130 and float(det["boxes"][:, 3].max()) <= 96
     with pytest.raises(ValueError, match=r"tiles.overlap must be a fraction"):
         detector.predict(image, tiles={"size": 64, "overlap": 1.5})
+    picture = next((tiles_run / "run").parent.glob("shapes_*/images/000000.png"))
+    checkpoint, out = str(tiles_run / "run" / "model_final.pth"), tiles_run / "infer"
+    bad = run_main("infer", "--checkpoint", checkpoint, "--images", str(picture), "--out", str(out), "--tile", "0")
+    assert bad.returncode == 2 and "--tile must be a tile side in pixels" in bad.stderr and not out.exists()
+    result = run_main("infer", "--checkpoint", checkpoint, "--images", str(picture), "--out", str(out), "--tile", "64")
+    assert result.returncode == 0, result.stderr
+    assert (out / "results.json").is_file() and (out / "000000.png").is_file()
 
 
 def test_bad_eval_tiles_is_refused_before_anything_is_written(tmp_path: Path) -> None:

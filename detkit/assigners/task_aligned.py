@@ -10,7 +10,7 @@ from torch import Tensor
 
 from detkit.assigners.atss import INSIDE_EPS
 from detkit.assigners.base import AssignResult, DenseAssigner, gather_assigned, number, prediction_inputs, topk_first
-from detkit.ops.boxes import aligned_box_iou, bbox2distance
+from detkit.ops.boxes import box_distance_encode, box_iou_aligned
 from detkit.ops.priors import Priors
 from detkit.registry import ASSIGNERS, positive_int
 
@@ -94,12 +94,12 @@ class TaskAlignedAssigner(DenseAssigner):
     def _candidates(self, points: Tensor, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
                     gt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For a chunk of ``g`` GTs: the top-k priors ``(B, K, g)``, their IoU and metric, and which are chosen."""
-        iou = aligned_box_iou(boxes.unsqueeze(2), gt_boxes.unsqueeze(1))  # (B, P, g)
+        iou = box_iou_aligned(boxes.unsqueeze(2), gt_boxes.unsqueeze(1))  # (B, P, g)
         label_scores = scores.gather(2, gt_labels.unsqueeze(1).expand(-1, scores.shape[1], -1))
         metric = label_scores.pow(self.alpha) * iou.pow(self.beta)
         candidates = topk_first(metric, min(self.topk, metric.shape[1]), dim=1)  # (B, K, g)
         cand_metric, cand_iou = metric.gather(1, candidates), iou.gather(1, candidates)
-        inside = bbox2distance(points[candidates], gt_boxes.unsqueeze(1)).amin(-1) > INSIDE_EPS
+        inside = box_distance_encode(points[candidates], gt_boxes.unsqueeze(1)).amin(-1) > INSIDE_EPS
         return candidates, cand_iou, cand_metric, (cand_metric > 0) & inside & gt_mask.unsqueeze(1)
 
     @staticmethod

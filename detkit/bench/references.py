@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from detkit.ops import Priors, bbox2distance
+from detkit.ops import Priors, box_distance_encode
 
 
 def seed_compute_cls_loss(preds: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
@@ -97,7 +97,7 @@ def per_image_atss_assign(priors: Priors, boxes: Tensor, labels: Tensor, mask: T
                           for s in priors.level_slices()])  # (K, g)
         cand_iou = ious.gather(0, cand)
         positive = cand_iou >= cand_iou.mean(0) + cand_iou.std(0)
-        inside = bbox2distance(priors.points[cand], gt[None]).amin(-1) > 0.01
+        inside = box_distance_encode(priors.points[cand], gt[None]).amin(-1) > 0.01
         overlaps = torch.full_like(ious, -math.inf)
         keep = positive & inside
         cols = torch.arange(len(gt)).expand_as(cand)
@@ -129,7 +129,7 @@ def per_image_task_aligned_assign(priors: Priors, scores: Tensor, pred_boxes: Te
             cand = torch.stack([torch.sort(metric[:, j], descending=True, stable=True).indices[:k]
                                 for j in range(len(gt))], 1)  # (k, g)
             cols = torch.arange(len(gt), device=gt.device).expand_as(cand)
-            keep = (metric[cand, cols] > 0) & (bbox2distance(priors.points[cand], gt[None]).amin(-1) > 0.01)
+            keep = (metric[cand, cols] > 0) & (box_distance_encode(priors.points[cand], gt[None]).amin(-1) > 0.01)
             overlaps_inf = torch.full_like(overlaps, -math.inf)
             overlaps_inf[cand[keep], cols[keep]] = overlaps[cand[keep], cols[keep]]
             best, index = overlaps_inf.max(1)  # highest IoU, first GT

@@ -12,8 +12,8 @@ from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
 from detkit.models.detector import Detector
 from detkit.models.head import DetectionHead
-from detkit.ops.boxes import gather_cells
 from detkit.ops.nms import topk_min
+from detkit.ops.priors import gather_cells
 from detkit.registry import ASSIGNERS, DETECTORS, HEADS, positive_int
 
 #: The loss kinds each CenterNet term takes.
@@ -100,8 +100,8 @@ class CenterNetHead(DetectionHead):
         scores, index = peaks.topk(topk_min(peaks, self.topk, 1), dim=1)  # (B, K)
         labels = torch.div(index, height * width, rounding_mode="floor")
         cell = index - labels * (height * width)  # not `%`: a shape-valued modulo fails the dynamo ONNX exporter
-        size = gather_cells(outputs.wh.float(), cell)
-        shift = gather_cells(outputs.offset.float(), cell)
+        size = gather_cells(outputs.wh, cell)
+        shift = gather_cells(outputs.offset, cell)
         row = torch.div(cell, width, rounding_mode="floor")
         cx = ((cell - row * width).float() + shift[..., 0]) * self.stride
         cy = (row.float() + shift[..., 1]) * self.stride

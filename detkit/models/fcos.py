@@ -11,7 +11,8 @@ from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
 from detkit.models.dense_head import DenseHead, LevelMaps, flatten_levels
 from detkit.models.detector import Detector
-from detkit.ops.boxes import distance2bbox, gather_cells, ltrb_to_boxes
+from detkit.ops.boxes import box_around_origin, box_distance_decode
+from detkit.ops.priors import gather_cells
 from detkit.registry import DETECTORS, HEADS
 
 #: The loss kinds each FCOS term takes.
@@ -88,7 +89,7 @@ class FCOSHead(DenseHead):
         preds = None
         if getattr(self.assigner, "needs_preds", False):  # (B, P, C) scores and decoded boxes cost a step time
             pixels = reg.detach() * priors.strides.view(1, -1, 1) if self.norm_on_bbox else reg.detach()
-            preds = {"scores": self.dense_scores(outputs), "boxes": distance2bbox(priors.points, pixels)}
+            preds = {"scores": self.dense_scores(outputs), "boxes": box_distance_decode(priors.points, pixels)}
         assigned = self.assigner(priors, gt_boxes, gt_labels, gt_mask, self.num_classes, preds)
         positive = assigned.positive
         ltrb, ctr_target = fcos_targets(priors.points, assigned)
@@ -102,7 +103,8 @@ class FCOSHead(DenseHead):
         # nonzero()/boolean indexing, so no host sync and static shapes for torch.compile.
         return {
             **self.losses("cls", cls, assigned.labels, avg_factor=num_pos),
-            **self.losses("bbox", ltrb_to_boxes(reg), ltrb_to_boxes(ltrb), weight=ctr_target, avg_factor=ctr_denom),
+            **self.losses("bbox", box_around_origin(reg), box_around_origin(ltrb), weight=ctr_target,
+                          avg_factor=ctr_denom),
             **self.losses("centerness", ctr, ctr_target, weight=positive.float(), avg_factor=num_pos),
         }
 
@@ -110,7 +112,7 @@ class FCOSHead(DenseHead):
         return (maps.cls.float().sigmoid() * maps.centerness.float().sigmoid()).sqrt()
 
     def level_distances(self, maps: FCOSOutputs, point: Tensor, stride: int) -> Tensor:
-        ltrb = gather_cells(maps.ltrb.float(), point)
+        ltrb = gather_cells(maps.ltrb, point)
         return ltrb * stride if self.norm_on_bbox else ltrb
 
 

@@ -18,7 +18,8 @@ from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
 from detkit.models.dense_head import DenseHead, LevelMaps, flatten_levels
 from detkit.models.detector import Detector
-from detkit.ops.boxes import aligned_box_iou, bbox2distance, distance2bbox, gather_cells
+from detkit.ops.boxes import box_distance_decode, box_distance_encode, box_iou_aligned
+from detkit.ops.priors import gather_cells
 from detkit.registry import DETECTORS, HEADS, check_keys, positive_int
 
 #: The loss kinds each GFL term takes: the cls term takes a (labels, IoU) quality target.
@@ -102,7 +103,7 @@ class GFLHead(DenseHead):
         dist = flatten_levels(outputs.distribution)  # (B, P, 4 (n + 1))
         stride = priors.strides.view(-1, 1)
         points = priors.points / stride  # (P, 2), stride units: every level's boxes on one scale
-        pred_boxes = distance2bbox(points, integral(dist, self.reg_max))  # (B, P, 4)
+        pred_boxes = box_distance_decode(points, integral(dist, self.reg_max))  # (B, P, 4)
         scores = self.dense_scores(outputs)  # (B, P, C) sigmoid, detached
         assigned = self.assigner(priors, gt_boxes, gt_labels, gt_mask, self.num_classes,
                                  {"scores": scores, "boxes": pred_boxes.detach() * stride})
@@ -111,11 +112,11 @@ class GFLHead(DenseHead):
         zero = torch.zeros_like(positive, dtype=torch.float32)
         # the quality target: the assigner's soft target (TaskAlignedAssigner), else the predicted box's IoU
         quality = assigned.scores if assigned.scores is not None else torch.where(
-            positive, aligned_box_iou(pred_boxes.detach(), target_boxes), zero)
+            positive, box_iou_aligned(pred_boxes.detach(), target_boxes), zero)
         weight = torch.where(positive, scores.amax(-1), zero)
         num_pos = reduce_mean(positive.sum().float()).clamp(min=1.0)
         weight_sum = reduce_mean(weight.sum()).clamp(min=1.0)
-        side_targets = bbox2distance(points, target_boxes).clamp(0, self.reg_max - DFL_MARGIN)  # (B, P, 4)
+        side_targets = box_distance_encode(points, target_boxes).clamp(0, self.reg_max - DFL_MARGIN)  # (B, P, 4)
         batch, num_points = positive.shape
         # Box and DFL terms run over every point with zero weight on negatives: no boolean indexing,
         # so no host sync and static shapes for torch.compile.

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, nms
 
-from detkit.ops.boxes import clip_boxes
+from detkit.ops.boxes import box_clip
 
 
 def topk_min(x: Tensor, k: int, dim: int) -> int:
@@ -40,7 +40,7 @@ def nms_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_sizes: Te
     for the batch: above 4,000 boxes torchvision's CPU ``batched_nms`` loops over groups with a mask
     over all boxes per group, so a whole batch (images x classes groups) costs more than its images.
     """
-    boxes = clip_boxes(boxes, image_sizes)
+    boxes = box_clip(boxes, image_sizes)
     results = []
     for img_boxes, img_scores, img_labels in zip(boxes, scores, labels):
         keep = img_scores > score_thr
@@ -64,7 +64,7 @@ def nms_padded(boxes: Tensor, scores: Tensor, labels: Tensor, image_sizes: Tenso
     ``torchvision.ops.nms`` call over the whole batch (offset trick, ONNX NonMaxSuppression).
     """
     batch, k = scores.shape
-    boxes = clip_boxes(boxes, image_sizes)
+    boxes = box_clip(boxes, image_sizes)
     flat_scores = scores.reshape(-1)
     if iou is None:
         valid = (flat_scores > score_thr).to(flat_scores)

@@ -1,4 +1,5 @@
-"""Point priors of dense heads: the centre of every cell of every feature level."""
+"""Point priors of dense heads: the centre of every cell of every feature level, and the values of a
+map at chosen cells."""
 
 from __future__ import annotations
 
@@ -55,3 +56,11 @@ def dense_points(sizes: Sequence[tuple[int, int]], strides: Sequence[int], devic
         strd.append(torch.full((h * w,), float(s), device=device))
         lvl.append(torch.full((h * w,), level, device=device, dtype=torch.int64))
     return Priors(torch.cat(pts), torch.cat(strd), torch.cat(lvl), tuple((int(h), int(w)) for h, w in sizes))
+
+
+def gather_cells(maps: Tensor, index: Tensor) -> Tensor:
+    """``maps (B, K, H, W)`` at flat cells ``index (B, N)`` (``row * W + col``) -> ``(B, N, K)`` float32: the
+    values of the chosen cells only, without reordering the whole map, upcast after the gather (the
+    sizes and distances a bf16 map holds under autocast need float32; the few gathered values are cheap)."""
+    flat = maps.flatten(2)  # (B, K, HW)
+    return flat.gather(2, index.unsqueeze(1).expand(-1, maps.shape[1], -1)).transpose(1, 2).float()
