@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from detkit.assigners.base import AssignResult, DenseAssigner, gather_assigned
-from detkit.ops.boxes import aligned_box_iou, bbox2distance
+from detkit.ops.boxes import box_centers, box_distance_encode, box_iou_aligned
 from detkit.ops.priors import Priors
 from detkit.registry import ASSIGNERS, ConfigError, config_path, positive_int
 
@@ -53,7 +53,7 @@ class ATSSAssigner(DenseAssigner):
         """Targets for ``priors`` given GT ``boxes (B, G, 4)``, ``labels (B, G)``, ``mask (B, G)``."""
         batch, num_gt = gt_labels.shape
         points = priors.points
-        centres = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (B, G, 2)
+        centres = box_centers(gt_boxes)  # (B, G, 2)
         # exact distances (no matrix-product shortcut, which reorders near ties); one fused kernel
         distance = torch.cdist(points.expand(batch, -1, -1), centres, compute_mode="donot_use_mm_for_euclid_dist")
         candidates = torch.cat([
@@ -61,9 +61,9 @@ class ATSSAssigner(DenseAssigner):
             + level.start for level in priors.level_slices()], dim=1)  # (B, K, G) prior indices
         anchors = self.anchors(priors)[candidates]  # (B, K, G, 4)
         boxes = gt_boxes.unsqueeze(1)  # (B, 1, G, 4)
-        iou = aligned_box_iou(anchors, boxes)  # (B, K, G)
+        iou = box_iou_aligned(anchors, boxes)  # (B, K, G)
         threshold = iou.mean(1, keepdim=True) + iou.std(1, keepdim=True).nan_to_num(0.0)  # one candidate: std 0
-        inside = bbox2distance(points[candidates], boxes).amin(-1) > INSIDE_EPS
+        inside = box_distance_encode(points[candidates], boxes).amin(-1) > INSIDE_EPS
         chosen = (iou >= threshold) & inside & gt_mask.unsqueeze(1)
         # A prior chosen by several GTs takes the highest IoU, then the first GT: two scatters over
         # the (B, K, G) candidates instead of a max over a dense (B, P, G) IoU matrix.

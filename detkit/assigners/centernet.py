@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from detkit.ops.boxes import box_centers
 from detkit.registry import ASSIGNERS, ConfigError
 
 RADIUS_FORMULAS = ("corrected", "cornernet")
@@ -77,7 +78,7 @@ class CenterNetAssigner:
         cornernet = self.radius_formula == "cornernet"
         if cornernet:  # CenterNet's ctdet.py clips boxes to the last cell: [0, W - 1] x [0, H - 1]
             boxes = torch.min(boxes.clamp(min=0), boxes.new_tensor([width - 1, height - 1] * 2))
-        center = (boxes[..., :2] + boxes[..., 2:]) / 2
+        center = box_centers(boxes)
         center_int = center.floor()
         wh = boxes[..., 2:] - boxes[..., :2]
         inside = (center_int[..., 0] >= 0) & (center_int[..., 0] < width) & \

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from detkit.assigners.base import AssignResult, DenseAssigner, gather_assigned
-from detkit.ops.boxes import bbox2distance
+from detkit.ops.boxes import box_distance_encode
 from detkit.ops.priors import Priors
 from detkit.registry import ASSIGNERS, ConfigError
 
@@ -77,7 +77,7 @@ def fcos_targets(points: Tensor, assigned: AssignResult) -> tuple[Tensor, Tensor
     ``points (P, 2)`` to the assigned box and centerness ``(B, P)``
     ``sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))``; both 0 for background."""
     positive = assigned.positive
-    ltrb = torch.where(positive.unsqueeze(-1), bbox2distance(points, assigned.boxes), 0.0)
+    ltrb = torch.where(positive.unsqueeze(-1), box_distance_encode(points, assigned.boxes), 0.0)
     lr, tb = ltrb[..., 0::2], ltrb[..., 1::2]
     # each ratio clamped at 0: a positive outside its box (SimOTA's centre region) has centerness 0; two
     # negative ratios (a point beyond a corner) must not multiply into a positive one

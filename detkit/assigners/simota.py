@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detkit.assigners.base import AssignResult, DenseAssigner, gather_assigned, number, prediction_inputs, topk_first
-from detkit.ops.boxes import aligned_box_iou
+from detkit.ops.boxes import box_iou_aligned
 from detkit.ops.priors import Priors
 from detkit.registry import ASSIGNERS, positive_int
 
@@ -107,7 +107,7 @@ class SimOTAAssigner(DenseAssigner):
     def _cost(self, priors: Priors, scores: Tensor, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
               gt_mask: Tensor, valid: Tensor, as_negative: Tensor, negative_sum: Tensor) -> tuple[Tensor, Tensor]:
         """For a chunk of ``g`` GTs: the cost ``(B, P, g)`` (inf for invalid priors and padded GTs) and the IoUs."""
-        iou = aligned_box_iou(boxes.unsqueeze(2), gt_boxes.unsqueeze(1))  # (B, P, g)
+        iou = box_iou_aligned(boxes.unsqueeze(2), gt_boxes.unsqueeze(1))  # (B, P, g)
         label = gt_labels.unsqueeze(1).expand(-1, boxes.shape[1], -1)
         own = scores.gather(2, label)  # each GT's class score
         cls_cost = (negative_sum - as_negative.gather(2, label)
