@@ -30,6 +30,7 @@ from detkit.engine.optim import build_optimizer, check_optimizer_spec
 from detkit.engine.rng import seed_everything
 from detkit.engine.run_log import setup_logging
 from detkit.engine.settings import TrainSettings
+from detkit.engine.teacher import with_teacher
 from detkit.engine.workdir import check_new_run
 from detkit.engine.writers import check_writer_specs
 from detkit.losses.weights import resolve_class_weights
@@ -153,7 +154,7 @@ def build_model_and_data(cfg: dict[str, Any], settings: TrainSettings, device: t
     # the training set before the model: class_weight: auto is computed from its boxes per class
     train_set = build_dataset(cfg["data"]["train"], "data.train") if "train" in cfg["data"] else None
     cfg["model"] = resolve_class_weights(cfg["model"], train_set)  # config.yaml and checkpoints keep the numbers
-    model = build_detector(cfg["model"]).to(device)
+    model = with_teacher(build_detector(cfg["model"]), getattr(train_set, "classes", None)).to(device)
     if settings.sync_bn and is_distributed():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     loader = build_dataloader(cfg["data"], "train", seed=settings.seed, rank=rank, world_size=world, dataset=train_set)
