@@ -65,7 +65,7 @@ def capture_log() -> Iterator[io.StringIO]:
         logger.setLevel(old_level)
 
 
-@pytest.mark.parametrize("assigner", [FCOSAssigner(STRIDES, default_ranges(5)), ATSSAssigner(STRIDES)],
+@pytest.mark.parametrize("assigner", [FCOSAssigner(STRIDES, default_ranges(STRIDES)), ATSSAssigner(STRIDES)],
                          ids=["fcos", "atss"])
 def test_a_box_no_point_can_take_has_zero_positives(assigner):
     stats = assigner_health(assigner, PRIORS, BOXES, LABELS, MASK, num_classes=2)

@@ -11,6 +11,8 @@ import torch
 
 from detkit.config import load_config
 from detkit.models import CenterNetOutputs, FCOSOutputs, build_detector
+from detkit.models.detector import pad_targets
+from detkit.models.fcos import default_ranges
 from detkit.models.weights import weights_enum
 from detkit.registry import ConfigError
 
@@ -166,8 +168,6 @@ def test_centernet_losses_match_the_seed_normalisation():
     images, targets = batch()
     outputs = model(images)
     heat, wh = outputs.heatmap, outputs.wh
-    from detkit.models.detector import pad_targets
-
     boxes, labels, mask = pad_targets(targets, torch.device("cpu"))
     t = model.head.assigner(boxes, labels, mask, 3, tuple(heat.shape[-2:]))
     num = mask.sum()
@@ -206,3 +206,26 @@ def test_fcos_default_ranges_are_open_ended_for_fewer_levels():
                             "head": {"type": "FCOSHead", "num_classes": 3, "feat_channels": 32, "num_convs": 1,
                                      "strides": [8, 16, 32], "assigner": {"type": "FCOSAssigner"}}})
     assert model.head.assigner.regress_ranges[-1].tolist() == [128.0, 1e8]
+    assert default_ranges([4, 8, 16]) == [(-1.0, 32.0), (32.0, 64.0), (64.0, 1e8)]  # they follow a P2 level
+
+
+#: docs/architecture.md's P2 level on the shapes default: C2 from the backbone, six strides and ranges
+P2 = ["model.backbone.out_indices=[0,1,2,3]", "model.head.strides=[4,8,16,32,64,128]",
+      "model.head.assigner.regress_ranges=[[-1,8],[8,16],[16,32],[32,64],[64,128],[128,1.0e8]]"]
+
+
+def test_a_p2_level_builds_assigns_positives_on_it_and_trains():
+    torch.manual_seed(0)
+    small = ["model.neck.out_channels=32", "model.head.feat_channels=32", "model.head.num_convs=1"]
+    model = build_detector(load_config(ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml", P2 + small)["model"])
+    images, targets = batch()  # 64 px: P2 is 16 x 16
+    outputs = model(images)
+    assert [m.shape[-1] for m in outputs.cls] == [16, 8, 4, 2, 1, 1]
+    boxes, labels, mask = pad_targets(targets, torch.device("cpu"))
+    priors = model.head.priors(outputs.cls)
+    assigned = model.head.assigner(priors, boxes, labels, mask, model.num_classes)
+    assert assigned.positive[:, priors.levels == 0].any()  # the 10 x 14 box is P2's
+    losses = model.head.loss(outputs, boxes, labels, mask)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert len(model.eval().predict(images)) == 2  # decoding over the six levels

@@ -6,7 +6,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 from torch import Tensor, nn
 
-from detkit.assigners.fcos import DEFAULT_RANGES, INF, fcos_targets
+from detkit.assigners.fcos import INF, fcos_targets
 from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
 from detkit.models.dense_head import DenseHead, LevelMaps, flatten_levels
@@ -34,11 +34,13 @@ class FCOSOutputs(NamedTuple):
     centerness: LevelMaps
 
 
-def default_ranges(num_levels: int) -> list[tuple[float, float]]:
-    """FCOS's regress ranges for the first ``num_levels`` levels; the last is open-ended."""
-    ranges = [tuple(r) for r in DEFAULT_RANGES[:num_levels]]
-    ranges[-1] = (ranges[-1][0], INF)
-    return ranges
+def default_ranges(strides: Sequence[int]) -> list[tuple[float, float]]:
+    """FCOS's regress ranges, following ``strides``: a level takes the points whose largest distance to
+    the box sides lies above the previous level's bound and up to 8 strides; the last is open-ended.
+    For 8..128 these are FCOS's own ``(-1, 64), (64, 128), ..., (512, inf)``; a stride-4 P2 level
+    first takes ``(-1, 32)`` (and 8 ``(32, 64)``)."""
+    uppers = [8.0 * s for s in strides]
+    return [(uppers[i - 1] if i else -1.0, uppers[i] if i < len(uppers) - 1 else INF) for i in range(len(uppers))]
 
 
 @HEADS.register()
@@ -49,7 +51,8 @@ class FCOSHead(DenseHead):
         norm_on_bbox: regress ltrb / stride with ReLU (else exp of pixels).
         centerness_on_reg: centerness from the reg tower (else the cls tower).
         prior_prob: initial foreground probability of the classifier bias.
-        assigner: assigner spec (default FCOSAssigner with FCOS's regress ranges; ATSSAssigner,
+        assigner: assigner spec (default FCOSAssigner with FCOS's regress ranges for ``strides``, see
+            :func:`default_ranges`; ATSSAssigner,
             SimOTAAssigner and TaskAlignedAssigner work too: they get ``preds``, the inference scores
             ``sqrt(sigmoid(cls) * sigmoid(centerness))`` and decoded pixel boxes, detached);
         losses: ``{cls, bbox, centerness}`` specs (each a spec or a list of specs, summed and logged separately).
@@ -64,7 +67,7 @@ class FCOSHead(DenseHead):
                  conv_bias: bool | None = None, point_offset: float = 0.5, stride_from_input: bool = False) -> None:
         spec = dict(assigner or {"type": "FCOSAssigner"})
         if spec.get("type") == "FCOSAssigner" and "regress_ranges" not in spec:
-            spec["regress_ranges"] = default_ranges(len(strides))
+            spec["regress_ranges"] = default_ranges(strides)
         super().__init__(num_classes=num_classes, in_channels=in_channels, feat_channels=feat_channels,
                          num_convs=num_convs, strides=strides, norm=norm, conv_bias=conv_bias, assigner=spec,
                          score_thr=score_thr, nms_pre=nms_pre, nms_iou=nms_iou, max_per_img=max_per_img,

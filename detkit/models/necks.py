@@ -16,7 +16,11 @@ from detkit.registry import NECKS, ConfigError
 
 @NECKS.register()
 class FPN(nn.Module):
-    """Feature pyramid (P3..P5 from C3..C5) plus ``extra_levels`` stride-2 convs (P6, P7).
+    """Feature pyramid (a P level per backbone map: P3..P5 from C3..C5) plus ``extra_levels`` stride-2
+    convs (P6, P7).
+
+    A stride-4 P2 level for small objects comes from C2: the backbone's ``out_indices: [0, 1, 2, 3]``
+    (the head's ``strides`` then start at 4; docs/architecture.md).
 
     Args:
         in_channels: channels of the backbone maps, finest first.
