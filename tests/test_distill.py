@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from detkit.config import load_config
 from detkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from detkit.engine.compiled_step import CompiledLoss
 from detkit.engine.teacher import load_teacher, with_teacher
 from detkit.losses import build_loss
 from detkit.models import build_detector
@@ -153,6 +154,8 @@ def test_teacher_is_frozen_moved_along_and_outside_the_student(tmp_path):
     assert all(p.grad is None for p in teacher.parameters())
     student.double()  # any _apply (.to(device), channels_last) reaches the teacher too
     assert next(teacher.parameters()).dtype == torch.float64
+    with pytest.raises(ConfigError, match="train.compile: full does not run model.teacher"):
+        CompiledLoss(student)  # its compiled loss calls the head without the teacher's outputs
 
     # refused, naming the key: a missing file, weights of another architecture, other classes (order matters)
     save_checkpoint({"model": weights, "config": {"model": tiny_gfl(losses=GFL_LOSSES)}}, tmp_path / "bad.pth")
