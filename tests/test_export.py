@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,10 @@ def test_exported_model_equals_predict_at_any_size_and_in_a_padded_batch(tmp_pat
     gives predict's detections for each image alone (unpadded) and for the three as one zero-padded batch."""
     detector = DetectorModel(spread_model(name), load_config(*CONFIGS[name]), "abcd", torch.device("cpu"))
     path = tmp_path / f"model.{fmt}"
-    FORMATS[fmt].export(detector.model, path, ExportOptions(dynamo=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        FORMATS[fmt].export(detector.model, path, ExportOptions(dynamo=False))
+    assert [str(w.message) for w in caught] == []  # torch's tracer and deprecation notices are filtered
     run = FORMATS[fmt].load(path)
     for image in images():
         assert_same_detections(run(image[None], full_sizes(image[None])), detector.predict(image, score_thr=0.0)[0])
