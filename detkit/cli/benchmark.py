@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BCCD = ROOT.parent / "shared" / "datasets" / "bccd"
 DEFAULT_CONFIG = ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"
 EPOCH_CONFIGS = [str(ROOT / "configs/fcos" / name) for name in ("tv_fcos_r18_fpn_bccd.yaml", "fcos_r18_fpn_bccd.yaml")]
-SECTIONS = ["losses", "assigners", "train_step", "inference", "loading", "epochs", "export", "gpu"]
+SECTIONS = ["losses", "assigners", "train_step", "inference", "loading", "epochs", "export", "deploy", "gpu"]
 #: ``--sections gpu``: the GPU figures: R-50 FPN-256, 512 px, batch 8, fp32 and bf16, detkit eager and
 #: ``train.compile: full`` vs torchvision eager, with peak memory; the assigners; the default config's split.
 GPU = {"depths": [50], "width": 256, "size": 512, "batch": 8, "amps": [None, "bf16"], "compiled": True}
@@ -85,6 +85,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
         show("export", f"one {args.size}px image on the CPU: eager vs onnxruntime",
              bench_export(DEFAULT_CONFIG, args.size, args.repeat))
+    if "deploy" in args.sections:
+        if not args.checkpoint:
+            raise ConfigError("--sections deploy times one trained model in every format: give --checkpoint CKPT")
+        from detkit.deploy.benchmark import bench_deploy  # the exporters and runtimes: only for this section
+
+        show("deploy", f"{args.checkpoint} in every format on the CPU (val AP on data.val, batches of val images)",
+             bench_deploy(args.checkpoint, args.repeat, args.calib_images))
     common.write(Path(args.out), results)
     print(f"wrote {args.out}/benchmark.md and benchmark.json")
     return 0
@@ -100,6 +107,7 @@ Against peers in one process (alternated):
     python tools/benchmark.py --device cpu --sections inference --size 128 --batch 16
     python tools/benchmark.py --device cuda --sections gpu  # every GPU figure of docs/benchmarks.md
     python tools/benchmark.py --sections epochs --epoch-set data.num_workers=2   # whole epochs, BCCD
+    python tools/benchmark.py --sections deploy --checkpoint CKPT   # every export format: size, AP, speed
 """
 
 
@@ -132,5 +140,8 @@ def add_benchmark_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epoch-set", nargs="*", default=[], help="overrides for every epoch config (e.g. a resize)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per run (the first is warm-up)")
     p.add_argument("--rounds", type=int, default=2, help="alternated runs per config")
+    p.add_argument("--checkpoint", help="--sections deploy: the trained model to export to every format")
+    p.add_argument("--calib-images", type=int, default=100, metavar="N",
+                   help="--sections deploy: OpenVINO int8 calibration images (the first N of data.val)")
     p.add_argument("--out", default="work_dirs/benchmark")
     p.set_defaults(func=cmd_benchmark)

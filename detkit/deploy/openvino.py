@@ -15,7 +15,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +34,20 @@ def weights_path(xml: str | os.PathLike) -> Path:
     return Path(xml).with_suffix(WEIGHTS_SUFFIX)
 
 
+@contextlib.contextmanager
+def quiet_nncf() -> Iterator[None]:
+    """NNCF's progress bars go to stderr with the log (stdout keeps the command's result), and the "No CUDA
+    runtime is found" notice that importing torch's cpp_extension for NNCF's torch backend logs is dropped."""
+    cpp_extension = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_extension.level
+    cpp_extension.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        cpp_extension.setLevel(level)
+
+
 def onnx_to_openvino(onnx_path: Path, path: Path, calibration: Sequence[tuple[Tensor, Tensor]] = ()) -> Path:
     """Convert ``onnx_path`` with ``openvino.convert_model`` and save the IR at ``path`` (any suffix: the
     export writes a temporary name first) and :func:`weights_path` (fp32 weights, no fp16 compression).
@@ -44,16 +58,11 @@ def onnx_to_openvino(onnx_path: Path, path: Path, calibration: Sequence[tuple[Te
 
     model = openvino.convert_model(str(onnx_path))
     if calibration:
-        cpp_extension = logging.getLogger("torch.utils.cpp_extension")
-        level = cpp_extension.level
-        cpp_extension.setLevel(logging.ERROR)  # nncf's torch backend probes for CUDA at import: "No CUDA runtime"
-        try:
+        with quiet_nncf():
             import nncf
-        finally:
-            cpp_extension.setLevel(level)
-        dataset = nncf.Dataset(list(calibration), lambda item: {"images": item[0].numpy(),
-                                                                  "image_sizes": item[1].numpy()})
-        with contextlib.redirect_stdout(sys.stderr):  # nncf's progress bars: with the log, not the command's output
+
+            dataset = nncf.Dataset(list(calibration), lambda item: {"images": item[0].numpy(),
+                                                                      "image_sizes": item[1].numpy()})
             model = nncf.quantize(model, dataset, subset_size=len(calibration))
     with tempfile.TemporaryDirectory(dir=Path(path).parent) as folder:  # save_model insists on a .xml name
         openvino.save_model(model, str(Path(folder) / "model.xml"), compress_to_fp16=False)

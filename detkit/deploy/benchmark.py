@@ -1,0 +1,99 @@
+"""``benchmark --sections deploy``: one checkpoint in every format this machine can run (ultralytics'
+``yolo benchmark`` for detkit).
+
+Per format: the file's size, the time to write it (export, conversion, quantization), its COCO AP on the
+checkpoint config's ``data.val`` through its own runtime (:mod:`detkit.deploy.validate`), the latency of one
+image and the throughput of a batch of 8 val images, all on the CPU. PyTorch eager is ``predict``'s network
+(BatchNorm folded, channels_last) on the same padded batches; the runtimes are timed alternately
+(:func:`detkit.bench.common.time_pair`), so drift on a shared machine hits all alike.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from detkit.api import load_detector
+from detkit.bench.common import time_pair
+from detkit.deploy.openvino import calibration_inputs, weights_path
+from detkit.deploy.parity import Runner
+from detkit.deploy.validate import RuntimeDetector, Validation
+from detkit.export import FORMATS, ExportError, ExportOptions, write
+
+CPU = torch.device("cpu")
+#: (row name, --format, int8): the rows after PyTorch eager, in this order
+VARIANTS = [("TorchScript", "torchscript", False), ("ONNX Runtime", "onnx", False),
+            ("OpenVINO fp32", "openvino", False), ("OpenVINO int8", "openvino", True)]
+
+
+def missing_packages(fmt: str, options: ExportOptions) -> list[str]:
+    """The packages ``fmt`` needs (with ``options``) that are not installed."""
+    return [p for p in FORMATS[fmt].packages(options) if importlib.util.find_spec(p) is None]
+
+
+def file_mib(path: Path) -> float:
+    """Size of an exported file and of its weights file beside it, if it has one (OpenVINO's ``.bin``)."""
+    return sum(p.stat().st_size for p in {path, weights_path(path)} if p.is_file()) / 2 ** 20
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def bench_deploy(checkpoint: str | Path, repeat: int = 20, calib_images: int = 100, dynamo: bool = False
+                 ) -> list[dict[str, Any]]:
+    """One row per format: ``format``, ``MiB``, ``export_s`` (writing the file and loading it into its runtime),
+    ``AP``, ``AP_vs_pytorch`` (AP points), ``batch1_ms`` (median of ``repeat`` runs), ``batch8_img_s``,
+    ``speedup_b1`` / ``speedup_b8`` against PyTorch eager. A format whose packages are missing, or whose export
+    fails, gets a row saying so. OpenVINO int8 calibrates on the first ``calib_images`` val images. ONNX (and the
+    ONNX that OpenVINO converts) is written by torch.onnx's TorchScript-based exporter unless ``dynamo``: the
+    same graph, several times faster to write."""
+    model = load_detector(checkpoint, device="cpu")
+    validation = Validation(model)
+    batch = next(iter(validation.loader))
+    images, sizes = batch["images"][:8].contiguous(), batch["image_sizes"][:8]
+    runners: dict[str, Runner] = {"PyTorch eager": lambda x, s: model.model.predict(
+        x.contiguous(memory_format=torch.channels_last), s)}
+    rows: dict[str, dict[str, Any]] = {"PyTorch eager": {
+        "format": "PyTorch eager", "MiB": round(Path(checkpoint).stat().st_size / 2 ** 20, 1), "export_s": "",
+        "AP": round(100 * validation.pytorch["AP"], 2), "AP_vs_pytorch": 0.0}}
+    with tempfile.TemporaryDirectory() as folder, torch.no_grad():
+        for name, fmt, int8 in VARIANTS:
+            calibration = calibration_inputs(model.config, calib_images, model.size_divisor) if int8 else ()
+            options = ExportOptions(size_divisor=model.size_divisor, dynamo=dynamo, calibration=tuple(calibration))
+            missing = missing_packages(fmt, options)
+            if missing:
+                rows[name] = {"format": name, "MiB": f"not run: pip install {' '.join(missing)}"}
+                continue
+            path = Path(folder) / f"{fmt}{'_int8' if int8 else ''}{FORMATS[fmt].suffix}"
+            log(f"deploy benchmark: writing {name}")
+            start = time.perf_counter()
+            try:
+                runners[name] = write(fmt, model.model, path, options)
+            except ExportError as err:
+                rows[name] = {"format": name, "MiB": f"not run: {err}"}
+                continue
+            seconds = time.perf_counter() - start
+            metrics, _ = validation.evaluate(RuntimeDetector(runners[name]), f"eval {name}")
+            rows[name] = {"format": name, "MiB": round(file_mib(path), 1), "export_s": round(seconds, 1),
+                          "AP": round(100 * metrics["AP"], 2),
+                          "AP_vs_pytorch": round(100 * (metrics["AP"] - validation.pytorch["AP"]), 2)}
+        one = time_pair({k: bound(run, images[:1], sizes[:1]) for k, run in runners.items()}, CPU, repeat)
+        eight = time_pair({k: bound(run, images, sizes) for k, run in runners.items()}, CPU, repeat)
+    for name in runners:
+        rows[name].update({"batch1_ms": round(one[name] * 1e3, 1), "batch8_img_s": round(8 / eight[name], 1),
+                           "speedup_b1": round(one["PyTorch eager"] / one[name], 2),
+                           "speedup_b8": round(eight["PyTorch eager"] / eight[name], 2)})
+    return list(rows.values())
+
+
+def bound(run: Runner, images: Tensor, sizes: Tensor) -> Callable[[], Any]:
+    """``run`` on these inputs, as a no-argument call for :func:`time_pair`."""
+    return lambda: run(images, sizes)
