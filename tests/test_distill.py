@@ -157,9 +157,11 @@ def test_teacher_is_frozen_moved_along_and_outside_the_student(tmp_path):
     with pytest.raises(ConfigError, match="train.compile: full does not run model.teacher"):
         CompiledLoss(student)  # its compiled loss calls the head without the teacher's outputs
 
-    # refused, naming the key: a missing file, weights of another architecture, other classes (order matters)
+    # refused, naming the key: no path (the example config's null), a missing file, weights of another
+    # architecture, other classes (order matters)
     save_checkpoint({"model": weights, "config": {"model": tiny_gfl(losses=GFL_LOSSES)}}, tmp_path / "bad.pth")
-    for spec, classes, message in [({"checkpoint": str(tmp_path / "no.pth")}, None, "file not found"),
+    for spec, classes, message in [({"checkpoint": None}, None, "give the teacher's detkit checkpoint, e.g. --set"),
+                                   ({"checkpoint": str(tmp_path / "no.pth")}, None, "file not found"),
                                    ({"checkpoint": str(tmp_path / "bad.pth")}, None, "bad.pth: its weights do not fit"),
                                    ({"checkpoint": str(tmp_path / "t.pth")}, ["c", "b", "a"], "in the same order")]:
         with pytest.raises(ConfigError, match=rf"^model\.teacher\.checkpoint: .*{message}"):
@@ -214,7 +216,6 @@ def test_cli_trains_a_gfl_student_with_a_teacher_checkpoint(shapes):
 
 
 @pytest.mark.parametrize("teacher, message", [
-    (None, "model.teacher.checkpoint: give the teacher's detkit checkpoint"),
     ("classes.pth", "has num_classes 3, the student 4"),
     ("fcos.pth", "with a FCOSHead; the student's head is a GFLHead"),
 ])
@@ -223,12 +224,10 @@ def test_cli_refuses_a_bad_teacher_before_writing(shapes, teacher, message):
     makers = {"classes.pth": lambda p: write_teacher(p, data, "model.head.num_classes=3"),
               "fcos.pth": lambda p: save_checkpoint({"model": {}, "config": load_config(
                   LD_CFG.parents[1] / "fcos" / "fcos_r18_fpn_shapes.yaml", tiny_shapes(data))}, p)}
-    if teacher in makers and not (shapes / teacher).exists():
-        makers[teacher](shapes / teacher)
+    makers[teacher](shapes / teacher)
     before = snapshot(shapes)
-    args = [f"model.teacher.checkpoint={shapes / teacher}"] if teacher else []
     out = run_main("train", "--config", str(LD_CFG), "--work-dir", str(shapes / "refused"), "--device", "cpu",
-                   "--set", *tiny_shapes(data), *args)
+                   "--set", *tiny_shapes(data), f"model.teacher.checkpoint={shapes / teacher}")
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], errors
