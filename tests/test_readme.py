@@ -82,4 +82,4 @@ def test_finetune_section_runs_as_written(tmp_path):
     assert printed.startswith("['Platelets', 'RBC', 'WBC']")
 
     exported = run(export_cmd.strip().splitlines()[-1], tmp_path, env)
-    assert "labels equal" in exported.stdout and (tmp_path / "my_cells.onnx").stat().st_size > 100 * 2 ** 20
+    assert "detections matched" in exported.stdout and (tmp_path / "my_cells.onnx").stat().st_size > 100 * 2 ** 20
