@@ -81,7 +81,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         show("epochs", f"training epochs through the trainer ({' '.join(args.epoch_set) or 'as configured'})",
              bench_epochs(configs, [*data, *args.epoch_set], str(device), args.epochs, args.rounds))
     if "export" in args.sections:
-        from detkit.export import bench_export  # onnx and onnxruntime: only for this section
+        from detkit.deploy.latency import bench_export  # onnx and onnxruntime: only for this section
 
         show("export", f"one {args.size}px image on the CPU: eager vs onnxruntime",
              bench_export(DEFAULT_CONFIG, args.size, args.repeat))
