@@ -136,8 +136,8 @@ def test_val_refuses_an_exported_file_that_loses_ap(tmp_path):
 
 
 def test_missing_openvino_is_one_install_line(tmp_path, monkeypatch):
-    model, cfg = tiny_fcos()
-    cfg["model"]["neck"]["out_channels"] = 16
+    cfg = load_config(CONFIGS["fcos"][0], ["model.neck.out_channels=16", "model.head.feat_channels=16",
+                                           "model.head.num_convs=1"])
     save_checkpoint({"model": build_detector(cfg["model"]).state_dict(), "config": cfg, "classes": CLASSES},
                     tmp_path / "m.pth")
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino raises ImportError
