@@ -253,11 +253,11 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo:
     options = ExportOptions(size_divisor=model.size_divisor, dynamo=dynamo, calibration=calibration)
     for module in FORMATS[fmt].packages(options):
         require(module, FORMATS[fmt].extra)
-    tol = VAL_TOL if val_tol is None else val_tol  # --int8 is always checked by val AP
-    validation = None if val_tol is None and int8 is None else Validation(model, tol)
     if fmt == "torchscript" and getattr(model.model.head, "stride_from_input", False):
         raise ConfigError("--format torchscript: this head spaces points by the input size (stride_from_input), "
                           "which a trace freezes at one size; export to onnx instead")
+    tol = VAL_TOL if val_tol is None else val_tol  # --int8 is always checked by val AP
+    validation = None if val_tol is None and int8 is None else Validation(model, tol)  # PyTorch's AP, before writing
     out.parent.mkdir(parents=True, exist_ok=True)
     kept = f"{out} not written" + (" (the existing file is unchanged)" if out.exists() else "")
 

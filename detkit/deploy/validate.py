@@ -62,7 +62,7 @@ class ValReport:
 
     def summary(self) -> str:
         return (f"val AP on {self.num_images} images of data.val: {self.fmt} {100 * self.exported['AP']:.2f}, "
-                f"PyTorch fp32 {100 * self.pytorch['AP']:.2f} ({-self.drop:+.2f} AP points; tolerance "
+                f"PyTorch fp32 {100 * self.pytorch['AP']:.2f} ({round(-self.drop, 2) + 0.0:+.2f} AP points; tolerance "
                 f"{self.tol:g})")
 
 
