@@ -1,6 +1,6 @@
 """The parity check on barely trained models (issue 24's done-when), run once by hand, not in the suite.
 
-``python tools/export_parity_sweep.py --out DIR [--runs 10] [--format onnx] [--legacy-exporter]`` trains
+``python tools/dev/export_parity_sweep.py --out DIR [--runs 10] [--format onnx] [--legacy-exporter]`` trains
 ``--runs`` checkpoints of the default-width FCOS, GFL and CenterNet shapes configs in turn for 1 epoch on 16
 images (seeds 0..runs-1: near-equal scores, the case that used to fail), exports each through the real
 ``export`` command and prints one line per run and a tally; exit 1 when an export was refused.
@@ -34,7 +34,8 @@ def sweep(out: Path, runs: int, fmt: str, legacy: bool) -> int:
         code = main(["export", "--checkpoint", str(work / "model_final.pth"), "--format", fmt,
                      "--out", str(work / f"model.{fmt}")] + (["--legacy-exporter"] if legacy else []))
         failed += code != 0
-        print(f"run {run} {Path(config).stem} seed {run}: exit {code} in {time.perf_counter() - start:.0f} s", flush=True)
+        seconds = time.perf_counter() - start
+        print(f"run {run} {Path(config).stem} seed {run}: exit {code} in {seconds:.0f} s", flush=True)
     print(f"{runs - failed} of {runs} exports passed the check", flush=True)
     return failed
 
