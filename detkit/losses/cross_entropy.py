@@ -40,6 +40,7 @@ class CrossEntropyLoss(WeightedLoss):
     """
 
     kinds = frozenset({"classification", "score"})
+    class_weight: Tensor | None  # buffer set by register_class_weight
 
     def __init__(self, use_sigmoid: bool = False, class_weight: Sequence[float] | str | None = None,
                  label_smoothing: float = 0.0, ignore_index: int = -100, avg_non_ignore: bool = True,

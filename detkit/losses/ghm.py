@@ -37,6 +37,9 @@ class _GHMLoss(WeightedLoss):
     focal loss gets the same GHM loss as one that passes none.
     """
 
+    edges: Tensor  # buffers
+    acc_sum: Tensor  # only with momentum > 0
+
     def __init__(self, bins: int, momentum: float, last_edge: float, reduction: str, loss_weight: Any) -> None:
         super().__init__(reduction, loss_weight)
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
@@ -75,7 +78,7 @@ class _GHMLoss(WeightedLoss):
         weights = per_bin[bin_index] * valid / filled.sum().clamp(min=1)
         return weights, tot
 
-    def forward(self, pred: Tensor, target: Any, weight: Tensor | None = None,
+    def forward(self, pred: Tensor, target: Any, weight: Tensor | None = None,  # type: ignore[override]  # no options
                 avg_factor: float | Tensor | None = None, reduction_override: str | None = None) -> Tensor:
         reduction = self.reduction_for(reduction_override)
         loss, g = self.loss_and_norm(pred.float(), float32_target(target))

@@ -56,7 +56,7 @@ class GaussianFocalLoss(WeightedLoss):
         log_p = F.logsigmoid(pred)
         return torch.where(target.eq(1), self._positive(log_p), self._negative(log_p, pred, target))
 
-    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
+    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,  # type: ignore[override]  # own options
                 avg_factor: float | Tensor | None = None, reduction_override: str | None = None,
                 pos_inds: Tensor | None = None, pos_labels: Tensor | None = None) -> Tensor:
         if pos_inds is None and pos_labels is None:

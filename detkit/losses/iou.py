@@ -77,7 +77,7 @@ class _BoxLoss(WeightedLoss):
                              f"boxes, got {tuple(pred.shape)} and {tuple(target.shape)}")
         return self.box_loss(pred, target)
 
-    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
+    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,  # type: ignore[override]  # no options
                 avg_factor: float | Tensor | None = None,
                 reduction_override: str | None = None) -> Tensor:
         if weight is not None and weight.dim() == pred.dim():

@@ -86,13 +86,17 @@ class WeightedLoss(nn.Module):
     @property
     def loss_weight(self) -> float:
         """The weight now: a constant, or the schedule's value at the current step."""
-        return self._loss_weight if self.weight_schedule is None else float(self.weight_schedule)
+        if self.weight_schedule is not None:
+            return float(self.weight_schedule)
+        assert self._loss_weight is not None, "set whenever there is no schedule"
+        return self._loss_weight
 
-    def elementwise(self, pred: Tensor, target: Any, **options: Any) -> Tensor:
+    # ``options`` of forward() (CrossEntropyLoss's ignore_index) reach these two; a subclass names the ones it takes
+    def elementwise(self, pred: Tensor, target: Any) -> Tensor:
         """Unreduced loss for float32 ``pred``; the shape a ``weight`` broadcasts against."""
         raise NotImplementedError
 
-    def default_avg_factor(self, pred: Tensor, target: Any, **options: Any) -> Tensor | None:
+    def default_avg_factor(self, pred: Tensor, target: Any) -> Tensor | None:
         """Normaliser used for ``mean`` when the caller gives no ``avg_factor`` (None: plain mean)."""
         return None
 

@@ -23,6 +23,7 @@ class _CodeWeightedLoss(WeightedLoss):
     """Elementwise loss on ``(..., K)`` codes, optionally scaled per code (OpenPCDet ``code_weights``)."""
 
     kinds = frozenset({"box", "regression", "score"})
+    code_weights: Tensor | None  # buffer
 
     def __init__(self, code_weights: Sequence[float] | None = None, reduction: str = "mean",
                  loss_weight: float = 1.0) -> None:

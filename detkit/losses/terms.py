@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence, cast
 
 from torch import Tensor, nn
 
@@ -11,7 +11,7 @@ from detkit.registry import LOSSES, ConfigError, check_keys, config_path
 
 def check_kind(term: str, loss: nn.Module, accepted: Collection[str]) -> None:
     """Raise :class:`ConfigError` when ``loss`` declares kinds and none is ``accepted`` by ``term``."""
-    kinds = getattr(loss, "kinds", frozenset())
+    kinds: Collection[str] = getattr(loss, "kinds", frozenset())
     if not kinds or set(kinds) & set(accepted):
         return
     fitting = sorted(n for n, cls in LOSSES.items() if set(getattr(cls, "kinds", ())) & set(accepted))
@@ -54,7 +54,8 @@ class LossTerms(nn.Module):
 
     @staticmethod
     def _names(term: str, specs: Sequence[Mapping[str, Any]]) -> list[str]:
-        names, seen = [], {}
+        names: list[str] = []
+        seen: dict[str, int] = {}
         for spec in specs:
             base = f"{term}.{spec['type']}"
             seen[base] = seen.get(base, 0) + 1
@@ -62,4 +63,5 @@ class LossTerms(nn.Module):
         return names
 
     def forward(self, name: str, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        return {label: loss(*args, **kwargs) for label, loss in zip(self.names[name], self.terms[name])}
+        losses = cast(nn.ModuleList, self.terms[name])
+        return {label: loss(*args, **kwargs) for label, loss in zip(self.names[name], losses)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -103,8 +103,9 @@ def register_class_weight(module: nn.Module, class_weight: Any) -> None:
     """Keep ``class_weight`` as the non-persistent buffer ``module.class_weight (C,)`` (None when unset
     or ``auto`` not yet resolved; ``module.class_weight_auto`` says which)."""
     value = check_class_weight(class_weight)
-    module.class_weight_key = config_path("class_weight")  # for the call-time checks' messages
-    module.class_weight_auto = value == "auto"
+    # setattr: plain (non-tensor) attributes on any loss module
+    setattr(module, "class_weight_key", config_path("class_weight"))  # for the call-time checks' messages
+    setattr(module, "class_weight_auto", value == "auto")
     weight = torch.tensor(value, dtype=torch.float32) if isinstance(value, list) else None
     module.register_buffer("class_weight", weight, persistent=False)
 
@@ -115,7 +116,7 @@ def class_weight_for(module: nn.Module, num_classes: int) -> Tensor | None:
     if module.class_weight_auto:
         raise ConfigError(f"{key}: auto is computed from the training set's box counts when `train` builds the "
                           f"model; elsewhere give a list, e.g. detkit.losses.class_weights_from_counts(counts)")
-    weight = module.class_weight
+    weight = cast(Tensor | None, module.class_weight)  # the buffer of register_class_weight
     if weight is not None and weight.numel() != num_classes:
         raise ConfigError(f"{key} has {weight.numel()} entries but the logits have {num_classes} classes; give one "
                           f"weight per class, in class order")
@@ -138,13 +139,13 @@ def dataset_box_counts(dataset: Any) -> list[int]:
     return counts
 
 
-def _class_weight_specs(spec: Any, path: str, num_classes: int | None) -> Iterator[tuple[str, dict, int | None]]:
+def _class_weight_specs(spec: Any, path: str, num_classes: int | None) -> Iterator[tuple[str, Any, int | None]]:
     """``(path, loss spec, num_classes of the nearest enclosing spec)`` for each spec with ``class_weight``."""
     if isinstance(spec, Mapping):
         num_classes = spec.get("num_classes", num_classes)
         if "class_weight" in spec and "type" in spec:
             yield path, spec, num_classes
-        children = spec.items()
+        children: Iterable[tuple[Any, Any]] = spec.items()
     elif isinstance(spec, (list, tuple)):
         children = ((str(i), s) for i, s in enumerate(spec))
     else:
