@@ -38,7 +38,9 @@ class AssignResult(NamedTuple):
     @staticmethod
     def cat(parts: Sequence["AssignResult"]) -> "AssignResult":
         """Concatenate results of consecutive chunks of priors."""
-        return AssignResult(*(None if field[0] is None else torch.cat(field, dim=1) for field in zip(*parts)))
+        # scores is None in every part or in none; the other fields are never None
+        return AssignResult(*(None if field[0] is None else torch.cat(field, dim=1)  # type: ignore[arg-type]
+                              for field in zip(*parts)))
 
 
 def gather_assigned(index: Tensor, positive: Tensor, gt_boxes: Tensor, gt_labels: Tensor,

@@ -120,7 +120,8 @@ def build_coco(records: Sequence[ImageRecord], classes: Sequence[str], descripti
     """COCO detection dict of ``records``: image ids ``1..n`` in record order, category ids ``1..C`` in
     ``classes`` order, ``bbox`` as ``[x, y, w, h]``; ignored boxes get ``iscrowd: 1`` (pycocotools
     does not count them; :class:`CocoDataset` does not train on them)."""
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for image_id, rec in enumerate(records, start=1):
         images.append({"id": image_id, "file_name": rec.file_name, "width": rec.width, "height": rec.height})
         for label, (x1, y1, x2, y2), ignore in rec.boxes:

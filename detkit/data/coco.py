@@ -83,13 +83,13 @@ class CocoDataset(Dataset):
                  filter_empty: bool = False, skip_bad_images: bool = False, data_root: str = "",
                  classes: Sequence[str] | None = None, max_images: int | None = None) -> None:
         self.ann_file = Path(data_root, ann_file)
-        img_dir = Path(data_root, img_dir)
-        if not img_dir.is_dir():
-            raise FileNotFoundError(f"image folder not found: {img_dir} (img_dir of {self.ann_file})")
+        folder = Path(data_root, img_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder not found: {folder} (img_dir of {self.ann_file})")
         coco = load_coco(self.ann_file)
         if classes is not None:
             coco = index_coco(select_classes(coco.dataset, classes, self.ann_file), self.ann_file)
-        self._setup(coco, img_dir, transforms, filter_empty, skip_bad_images, max_images)
+        self._setup(coco, folder, transforms, filter_empty, skip_bad_images, max_images)
 
     def _setup(self, coco: COCO, img_dir: Path, transforms: Sequence[dict] | Callable | None, filter_empty: bool,
                skip_bad_images: bool, max_images: int | None) -> None:

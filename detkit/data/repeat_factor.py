@@ -77,5 +77,5 @@ class RepeatFactorSampler(EpochSampler):
         order = torch.repeat_interleave(torch.arange(len(self.factors)), (self.whole + extra).long())
         if self.shuffle:
             order = order[torch.randperm(len(order), generator=generator)]
-        order = order.tolist()
-        return (order * math.ceil(self.size / max(len(order), 1)))[:self.size]
+        indices: list[int] = order.tolist()
+        return (indices * math.ceil(self.size / max(len(indices), 1)))[:self.size]

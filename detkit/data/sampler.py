@@ -74,6 +74,7 @@ class EpochSampler(Sampler):
     def grouped(self, order: list[int]) -> list[int]:
         """``order`` regrouped into chunks of ``batch_size x world_size`` items of one group each (so
         rank ``r``'s slice ``chunk[r::world]`` of every chunk is one batch of one group)."""
+        assert self.groups is not None, "called only for a grouped sampler"
         buckets: dict[int, list[int]] = {}
         out: list[int] = []
         for index in order:
@@ -94,7 +95,7 @@ class SeededDataset(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # type: ignore[arg-type]  # map-style: torch's Dataset declares no __len__
 
     def __getitem__(self, item: Any) -> Any:
         if not isinstance(item, tuple):

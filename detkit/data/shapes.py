@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -45,7 +45,7 @@ def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tu
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Smooth colour blotches + a random sinusoidal texture + blocky noise, low saturation."""
     grid = rng.uniform(60, 200, (5, 5, 3)).astype(np.uint8)
-    img = np.asarray(Image.fromarray(grid).resize((size, size), Image.BICUBIC), dtype=np.float32)
+    img = np.asarray(Image.fromarray(grid).resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
     img = 0.45 * img + 0.55 * img.mean(axis=2, keepdims=True)  # desaturate: shapes stay distinct
     yy, xx = np.mgrid[0:size, 0:size]
     theta, freq = rng.uniform(0, math.pi), rng.uniform(0.05, 0.5)
@@ -133,7 +133,7 @@ def generate_shapes(root: Path, num_images: int, workers: int, **draw_args) -> N
         size = draw_args["size"]
         images = [{"id": i + 1, "file_name": f"{i:06d}.png", "width": size, "height": size}
                   for i in range(num_images)]
-        annotations = []
+        annotations: list[dict[str, Any]] = []
         for i, objects in enumerate(per_image):
             for cls, (x, y, w, h) in objects:
                 annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": cls + 1,

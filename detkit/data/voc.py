@@ -110,7 +110,8 @@ def _xml_files(root: Path, split_file: str | None, ann_dir: Path) -> list[Path]:
         lines = split.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise DatasetError(f"{split}: not UTF-8 text ({err}); a split file lists one image id per line") from None
-    files, listed = [], {}
+    files: list[Path] = []
+    listed: dict[str, int] = {}
     for line_no, line in enumerate(lines, start=1):
         if not line.strip():
             continue

@@ -13,13 +13,13 @@ from torchvision.ops import batched_nms, nms
 from detkit.ops.boxes import box_clip
 
 
-def topk_min(x: Tensor, k: int, dim: int) -> int:
+def topk_min(x: Tensor, k: int, dim: int) -> int | torch.SymInt:
     """``min(k, x.shape[dim])`` that stays dynamic under ``torch.jit.trace`` (a Python ``min`` would be
     frozen into the trace) and symbolic under ``torch.export``."""
     if not torch.jit.is_tracing():
         return torch.sym_min(k, x.shape[dim])  # no guard under torch.export (min() would specialise)
     size = torch._shape_as_tensor(x)[dim].unsqueeze(0)
-    return torch.min(torch.cat([torch.tensor([k], dtype=size.dtype), size]))  # type: ignore[return-value]
+    return torch.min(torch.cat([torch.tensor([k], dtype=size.dtype), size]))  # type: ignore[return-value]  # a 0-d tensor, traced as int
 
 
 def image_sizes_of(images: Tensor) -> Tensor:
