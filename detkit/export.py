@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from detkit.deploy.openvino import WEIGHTS_SUFFIX, calibration_inputs, load_openvino, onnx_to_openvino
 from detkit.deploy.parity import ParityError, ParityReport, Runner, check_parity
+from detkit.deploy.tensorrt import load_tensorrt, onnx_to_tensorrt, tensorrt_unavailable
 from detkit.deploy.validate import VAL_TOL, Validation, ValidationError
 from detkit.files import replaced_on_success
 from detkit.registry import ConfigError
@@ -154,18 +155,33 @@ def load_torchscript(path: Path) -> Runner:
     return run
 
 
+@contextmanager
+def temporary_onnx(detector: nn.Module, path: Path, options: ExportOptions) -> Iterator[Path]:
+    """The ONNX graph of :func:`export_onnx` in a temporary folder beside ``path``, removed after the block: what
+    OpenVINO and TensorRT convert."""
+    with tempfile.TemporaryDirectory(dir=Path(path).parent) as folder:
+        yield export_onnx(detector, Path(folder) / "model.onnx", options)
+
+
 def export_openvino(detector: nn.Module, path: Path, options: ExportOptions) -> Path:
     """OpenVINO IR at ``path`` (+ its ``.bin``): the ONNX graph of :func:`export_onnx` converted by OpenVINO,
     quantized to int8 when ``options.calibration`` holds inputs (:func:`~detkit.deploy.openvino.onnx_to_openvino`)."""
-    with tempfile.TemporaryDirectory(dir=Path(path).parent) as folder:
-        onnx = export_onnx(detector, Path(folder) / "model.onnx", options)
+    with temporary_onnx(detector, path, options) as onnx:
         return onnx_to_openvino(onnx, Path(path), options.calibration)
+
+
+def export_tensorrt(detector: nn.Module, path: Path, options: ExportOptions) -> Path:
+    """A TensorRT engine at ``path``: the ONNX graph of :func:`export_onnx` built in fp16 for this machine's GPU
+    (:func:`~detkit.deploy.tensorrt.onnx_to_tensorrt`)."""
+    with temporary_onnx(detector, path, options) as onnx:
+        return onnx_to_tensorrt(onnx, Path(path))
 
 
 @dataclass(frozen=True)
 class ExportFormat:
     """One ``--format``: its file suffix, the packages it needs (and the extra that brings them), how it
-    is written (``export(detector, path, options)``) and how a written file is run (``load(path)``)."""
+    is written (``export(detector, path, options)``) and how a written file is run (``load(path)``);
+    ``unavailable()`` says why this machine cannot do either ('' when it can), checked before anything else."""
 
     suffix: str
     extra: str
@@ -173,6 +189,7 @@ class ExportFormat:
     export: Callable[[nn.Module, Path, ExportOptions], Any]
     load: Callable[[Path], Runner]
     sidecar: str = ""  # suffix of a second file written beside the first (OpenVINO's weights), moved with it
+    unavailable: Callable[[], str] = lambda: ""
 
 
 FORMATS: dict[str, ExportFormat] = {
@@ -182,6 +199,9 @@ FORMATS: dict[str, ExportFormat] = {
     "openvino": ExportFormat(".xml", "openvino", lambda o: ("openvino", "onnx") + (("onnxscript",) if o.dynamo else ())
                              + (("nncf",) if o.calibration else ()), export_openvino, load_openvino,
                              sidecar=WEIGHTS_SUFFIX),
+    "tensorrt": ExportFormat(".engine", "tensorrt",
+                             lambda o: ("onnx", "tensorrt") + (("onnxscript",) if o.dynamo else ()), export_tensorrt,
+                             load_tensorrt, unavailable=tensorrt_unavailable),
 }
 
 
@@ -246,6 +266,8 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo:
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = check_export_target(checkpoint, fmt, out)
+    if reason := FORMATS[fmt].unavailable():  # a GPU and its runtime: checked before the checkpoint is read
+        raise ConfigError(reason)
     if int8 is not None and fmt != "openvino":
         raise ConfigError(f"--int8 quantizes OpenVINO models: use it with --format openvino, not {fmt}")
     model = load_detector(checkpoint, device="cpu")

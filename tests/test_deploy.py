@@ -1,5 +1,6 @@
 """Deployment beyond ONNX/TorchScript: OpenVINO gives onnxruntime's detections, ``export --val`` refuses a file
-that loses val AP (with both numbers), and a missing runtime is one install line."""
+that loses val AP (with both numbers), a missing runtime is one install line, and a TensorRT engine passes the
+parity check where a CUDA GPU and TensorRT are (skipped elsewhere)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from torch import nn
 
 from detkit.api import DetectorModel
 from detkit.config import load_config
-from detkit.deploy.parity import match_image
+from detkit.deploy.parity import check_parity, match_image
 from detkit.deploy.validate import Validation, ValidationError
 from detkit.engine.checkpoint import save_checkpoint
-from detkit.export import FORMATS, ExportOptions, ExportWrapper, export_onnx
+from detkit.export import FORMATS, ExportOptions, ExportWrapper, export_onnx, write
 from detkit.models import build_detector
 from tests.cli_runner import run_main
 from tests.test_export import CONFIGS
@@ -146,3 +147,38 @@ def test_missing_openvino_is_one_install_line(tmp_path, monkeypatch):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "pip install openvino" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]  # nothing written
+
+
+def test_tensorrt_without_gpu_or_package_is_one_line_before_anything_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as if not installed, on any machine
+    (tmp_path / "m.pth").write_bytes(b"never read: the check comes first")
+    (tmp_path / "m.engine").write_bytes(b"an older engine")
+    result = run_main("export", "--checkpoint", str(tmp_path / "m.pth"), "--format", "tensorrt",
+                      "--out", str(tmp_path / "m.engine"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: --format tensorrt needs")
+    assert "no CUDA GPU" in result.stderr and "no tensorrt package" in result.stderr
+    assert "pip install" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.engine", "m.pth"]
+    assert (tmp_path / "m.engine").read_bytes() == b"an older engine"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs a CUDA GPU")
+def test_tensorrt_engine_passes_the_parity_check(tmp_path):
+    pytest.importorskip("tensorrt", reason="the tensorrt extra is not installed")
+    from detkit.deploy.tensorrt import MAX_BATCH, tensorrt_unavailable
+
+    assert tensorrt_unavailable() == ""
+    model, cfg = tiny_fcos()
+    detector = DetectorModel(model, cfg, CLASSES, torch.device("cpu"))
+    run = write("tensorrt", model, tmp_path / "m.engine", ExportOptions())
+    report = check_parity(detector, run)  # fp16 engine against PyTorch fp32, the check export applies
+    assert report.matched > 0
+    images, sizes = padded_batch()
+    boxes, scores, labels = run(images.cuda(), sizes.cuda())  # CUDA in, CUDA out
+    assert boxes.is_cuda and labels.dtype == torch.int64
+    repeats = MAX_BATCH // 2 + 1  # above the profile's largest batch: run in chunks, the last one these two images
+    chunked = run(images.repeat(repeats, 1, 1, 1), sizes.repeat(repeats, 1))
+    for got, ref in zip(chunked, (boxes, scores, labels)):
+        assert torch.equal(got[-2:].cuda(), ref)

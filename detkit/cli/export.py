@@ -1,4 +1,4 @@
-"""``export``: a checkpoint to ONNX, TorchScript or OpenVINO, checked against PyTorch before it is written."""
+"""``export``: a checkpoint to ONNX, TorchScript, OpenVINO or TensorRT, checked against PyTorch before it is written."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     """The ``export`` subcommand's arguments (new export flags go here)."""
-    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript or OpenVINO (also: tools/export.py)")
+    p = sub.add_parser("export", help="export a checkpoint to ONNX, TorchScript, OpenVINO or TensorRT "
+                                      "(also: tools/export.py)")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "openvino"])
-    p.add_argument("--out", required=True, help="the file to write (.onnx, .pt, or .xml with its .bin beside it); "
-                                                "replaced only once the new file passed the check")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript", "openvino", "tensorrt"])
+    p.add_argument("--out", required=True, help="the file to write (.onnx, .pt, .xml with its .bin beside it, "
+                                                ".engine); replaced only once the new file passed the check")
     p.add_argument("--legacy-exporter", action="store_true",
                    help="ONNX through torch.onnx's TorchScript-based exporter (faster to export; same graph)")
     p.add_argument("--val", action="store_true",
