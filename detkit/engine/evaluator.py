@@ -7,7 +7,7 @@ import copy
 import io
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -208,14 +208,17 @@ def evaluate_model(model: nn.Module, loader: Any, device: torch.device, amp: str
     if classes is None:
         classes = EvalClasses(dict(enumerate(dataset.cat_ids)), dataset.coco, list(dataset.classes))
     model.eval()
-    preds, ids, pictures = [], [], []
+    preds, ids = [], []
+    pictures: list[tuple[Tensor, dict[str, Tensor]]] = []
+    # a detkit Detector's method: (images, image_sizes) -> one dict of boxes, scores, labels per image
+    predict: Callable[[Tensor, Tensor], list[dict[str, Tensor]]] = model.predict  # type: ignore[assignment]
     for batch in progress(loader, len(loader), desc, get_rank() == 0):
         images = batch["images"].to(device, non_blocking=True)
         with autocast(device, amp):
             if tiles is None:
-                out = model.predict(images, batch["image_sizes"])
+                out = predict(images, batch["image_sizes"])
             else:
-                out = [sliced_predict(model.predict, images[i, :, :h, :w], tiles)
+                out = [sliced_predict(predict, images[i, :, :h, :w], tiles)
                        for i, (h, w) in enumerate(batch["image_sizes"].tolist())]
         for i, det in enumerate(out):
             preds.append(to_original_coords(det, batch["scale_factors"][i], batch["orig_sizes"][i]))

@@ -46,7 +46,7 @@ def batch_image_ids(loader: Any, position: int) -> list[int]:
     ids = getattr(loader.dataset, "ids", None)
     if batch_sampler is None or ids is None:
         return []
-    batch = next(itertools.islice(iter(batch_sampler), position, None), [])
+    batch: list[Any] = next(itertools.islice(iter(batch_sampler), position, None), [])
     return [ids[item[0] if isinstance(item, tuple) else item] for item in batch]  # items: (index, sample seed)
 
 

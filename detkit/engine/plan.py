@@ -159,7 +159,8 @@ def build_model_and_data(cfg: dict[str, Any], settings: TrainSettings, device: t
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     loader = build_dataloader(cfg["data"], "train", seed=settings.seed, rank=rank, world_size=world, dataset=train_set)
     if len(loader) == 0:
-        raise ConfigError(f"data.train: {len(loader.dataset)} images give no batch of {loader.batch_size} on "
+        images = len(loader.dataset)  # type: ignore[arg-type]  # map-style: torch's Dataset declares no __len__
+        raise ConfigError(f"data.train: {images} images give no batch of {loader.batch_size} on "
                           f"{world} process(es)")
     check_class_counts(model, loader.dataset)
     val_loader = (build_dataloader(cfg["data"], "val", seed=settings.seed, rank=rank, world_size=world)

@@ -21,7 +21,8 @@ def rng_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
         "python": (version, torch.tensor(mt, dtype=torch.int64), gauss),
-        "numpy": (str(name), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "numpy": (str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(cached)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():

@@ -63,5 +63,6 @@ def with_teacher(student: nn.Module, classes: list[str] | None = None) -> nn.Mod
     :class:`FrozenTeacher`; unchanged without one. Everything is checked before any file is written."""
     spec = getattr(student, "teacher_spec", None)
     if spec is not None:
-        student.teacher = FrozenTeacher(load_teacher(spec, student, classes))
+        # setattr: a FrozenTeacher is deliberately no nn.Module (its weights stay out of the student's)
+        setattr(student, "teacher", FrozenTeacher(load_teacher(spec, student, classes)))
     return student

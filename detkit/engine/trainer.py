@@ -9,7 +9,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -128,9 +128,9 @@ class Trainer:
                 self.summary["wall_time"] = time.time() - start
                 self.call("after_train")
                 if self.watch.check():  # after the last safe point: the run is complete; still exit as stopped
-                    stop = TrainingInterrupted(self.watch.signum)
-                    logger.info("%s arrived as the run ended: it is complete, its files are written", stop.reason)
-                    raise stop
+                    late = TrainingInterrupted(self.watch.signum)
+                    logger.info("%s arrived as the run ended: it is complete, its files are written", late.reason)
+                    raise late
         finally:
             self.watch = None
             if self.lock is not None:  # the work dir is free for the next run
@@ -184,7 +184,7 @@ class Trainer:
                 losses = self.forward(batch)
                 for hook in self.hooks:
                     losses = hook.after_forward(self, losses)
-                total = sum(losses.values())
+                total = cast(Tensor, sum(losses.values()))  # a detector returns at least one term
                 if not all_finite(total):
                     result.skipped = "non-finite loss"
                     result.bad_terms = [k for k, v in losses.items() if not torch.isfinite(v).all()] or [

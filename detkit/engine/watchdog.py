@@ -137,7 +137,8 @@ class StallWatchdog:
         """Write this rank's record; returns the seconds since its last progress."""
         step, phase, since = self._progress
         idle = time.monotonic() - since
-        waiting = in_collective(sys._current_frames().get(self.watched.ident))
+        ident = self.watched.ident  # None only before the thread starts
+        waiting = ident is not None and in_collective(sys._current_frames().get(ident))
         self.store.set(f"rank{self.rank}", json.dumps({"number": number, "step": step, "phase": phase,
                                                        "idle": round(idle, 1), "waiting": waiting}))
         return idle

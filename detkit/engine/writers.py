@@ -232,8 +232,9 @@ def check_writer_specs(specs: Sequence[dict[str, Any]]) -> None:
             given = {k: v for k, v in spec.items() if k != "type"}
             given.update({k: None for k in ("work_dir", "resume_iter") if k in inspect.signature(cls).parameters})
             check_arguments(cls, spec["type"], given, config_path())
-            if getattr(cls, "package", None):
-                optional_module(cls.package, spec["type"])
+            package = getattr(cls, "package", None)
+            if package:
+                optional_module(package, spec["type"])
 
 
 def build_writers(specs: Sequence[dict[str, Any]], work_dir: Path, resume_iter: int | None, enabled: bool

@@ -33,8 +33,12 @@ class Uncertainty(Hook):
         self.init, self.terms = float(init), list(terms) if terms is not None else None
         self.log_vars: nn.ParameterDict | None = None
 
+    def _started(self) -> nn.ParameterDict:
+        assert self.log_vars is not None, "before_train builds it"
+        return self.log_vars
+
     def before_train(self, trainer: "Trainer") -> None:
-        names = self.terms if self.terms is not None else list(trainer.model.loss_names())
+        names = self.terms if self.terms is not None else list(trainer.model.loss_names())  # type: ignore[operator]  # a detkit Detector's method
         if not names:
             raise ConfigError("train.loss_balance: the model names no loss terms to balance")
         self.log_vars = nn.ParameterDict({
@@ -42,14 +46,14 @@ class Uncertainty(Hook):
         trainer.optimizer.add_param_group({"params": list(self.log_vars.values()), "weight_decay": 0.0})
 
     def after_forward(self, trainer: "Trainer", losses: dict[str, Tensor]) -> dict[str, Tensor]:
-        out = dict(losses)
+        out, log_vars = dict(losses), self._started()
         for name, value in losses.items():
             key = name.replace(".", "/")
-            if key in self.log_vars:
-                s = self.log_vars[key]
+            if key in log_vars:
+                s = log_vars[key]
                 out[name] = torch.exp(-s) * value + s
         trainer.result.extras["loss_weight"] = {k.replace("/", "."): float(torch.exp(-v.detach()))
-                                                for k, v in self.log_vars.items()}
+                                                for k, v in log_vars.items()}
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -58,4 +62,4 @@ class Uncertainty(Hook):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
             for k, v in state["log_vars"].items():
-                self.log_vars[k].copy_(v)
+                self._started()[k].copy_(v)

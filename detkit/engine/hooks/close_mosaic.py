@@ -17,7 +17,8 @@ logger = logging.getLogger("detkit")
 def mixing_steps(dataset: Any) -> list:
     """The mixing transforms (Mosaic, MixUp) of ``dataset``'s pipeline; a :class:`ConfigError` when it has none."""
     pipeline = getattr(dataset, "transforms", None)
-    steps = pipeline.mixing() if hasattr(pipeline, "mixing") else []
+    mixing = getattr(pipeline, "mixing", None)
+    steps = mixing() if mixing is not None else []
     if not steps:
         raise ConfigError("CloseMosaic (close_mosaic): data.train.transforms has no mixing transform (Mosaic, "
                           "MixUp) to turn off; add one or drop close_mosaic")

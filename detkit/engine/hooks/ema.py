@@ -27,7 +27,8 @@ class WarmupEMA:
         self.decay, self.warmup, self.iter = decay, warmup_iters, 0
 
     @torch.no_grad()
-    def __call__(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+    def __call__(self, averaged: list[Tensor] | tuple[Tensor, ...], current: list[Tensor] | tuple[Tensor, ...],
+                 num_averaged: Tensor | int) -> None:
         decay = self.decay * (1 - math.exp(-self.iter / self.warmup))
         if averaged[0].is_floating_point():
             torch._foreach_lerp_(averaged, current, 1 - decay)
@@ -54,10 +55,12 @@ class EMAHook(Hook):
     def after_step(self, trainer: "Trainer") -> None:
         if trainer.result.applied:
             self.update.iter = trainer.iter
+            assert self.averaged is not None, "before_train builds it"
             self.averaged.update_parameters(trainer.model)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.averaged.state_dict()} if self.averaged is not None else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.averaged is not None, "the trainer resumes hooks after before_train"
         self.averaged.load_state_dict(state["ema"])

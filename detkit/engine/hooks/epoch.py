@@ -20,5 +20,6 @@ class SetEpochHook(Hook):
 
     def before_epoch(self, trainer: "Trainer") -> None:
         for module in trainer.model.modules():
-            if callable(getattr(module, "set_epoch", None)):
-                module.set_epoch(trainer.epoch)
+            set_epoch = getattr(module, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(trainer.epoch)

@@ -47,7 +47,8 @@ class WatchedLoader:
 
     def __init__(self, loader: Any, trainer: "Trainer") -> None:
         self.loader, self.trainer, self.dataset = loader, trainer, loader.dataset
-        self.position, self.current = 0, None
+        self.position = 0
+        self.current: list[Any] | None = None  # image ids of the batch being evaluated; None while loading
 
     def __len__(self) -> int:
         return len(self.loader)

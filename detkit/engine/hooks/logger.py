@@ -35,7 +35,8 @@ class LoggerHook(Hook):
         self.count = 0
 
     def before_train(self, trainer: "Trainer") -> None:
-        self.start_time, self.start_step = time.time(), None
+        self.start_time = time.time()
+        self.start_step: int | None = None  # set at this process's first step
 
     def before_epoch(self, trainer: "Trainer") -> None:
         self.bar = progress(None, trainer.steps_per_epoch, f"epoch {trainer.epoch + 1}/{trainer.max_epochs}",
@@ -46,6 +47,7 @@ class LoggerHook(Hook):
         if self.start_step is None:  # first step of this process (also after a resume)
             self.start_step, self.start_time = done - 1, time.time()
         if result.applied:
+            assert result.total is not None, "an applied step has a total"
             for key, value in {**result.losses, "total": result.total}.items():
                 self.sums[key] = self.sums.get(key, 0) + value.float()
             self.count += 1
@@ -64,6 +66,7 @@ class LoggerHook(Hook):
     def _record(self, trainer: "Trainer", done: int) -> None:
         means = {k: float(v) / self.count for k, v in self.sums.items()}
         self.sums, self.count = {}, 0
+        assert self.start_step is not None, "after_step sets it before the first record"
         per_step = (time.time() - self.start_time) / max(done - self.start_step, 1)
         total = means.pop("total")
         record: dict[str, Any] = {

@@ -38,6 +38,10 @@ class StallWatchdogHook(Hook):
         self.timeout = timeout
         self.watchdog: StallWatchdog | None = None
 
+    def _started(self) -> StallWatchdog:
+        assert self.watchdog is not None, "before_train starts it"
+        return self.watchdog
+
     @staticmethod
     def done(trainer: "Trainer") -> int:
         """Steps finished in the run so far (resumed ones included)."""
@@ -48,18 +52,18 @@ class StallWatchdogHook(Hook):
         self.watchdog = StallWatchdog(store, trainer.rank, trainer.world, self.timeout, trainer.work_dir).start()
 
     def before_epoch(self, trainer: "Trainer") -> None:
-        self.watchdog.progress(self.done(trainer), f"starting epoch {trainer.epoch + 1}")
+        self._started().progress(self.done(trainer), f"starting epoch {trainer.epoch + 1}")
         steps = math.ceil(len(trainer.loader) / trainer.accumulate) - trainer.inner
         check_equal_steps(all_gather_objects(steps), trainer.epoch + 1)
 
     def before_step(self, trainer: "Trainer") -> None:
-        self.watchdog.progress(self.done(trainer), f"in step {self.done(trainer) + 1}")
+        self._started().progress(self.done(trainer), f"in step {self.done(trainer) + 1}")
 
     def after_step(self, trainer: "Trainer") -> None:
-        self.watchdog.progress(self.done(trainer), f"after step {self.done(trainer)} (hooks, the next batch)")
+        self._started().progress(self.done(trainer), f"after step {self.done(trainer)} (hooks, the next batch)")
 
     def after_epoch(self, trainer: "Trainer") -> None:
-        self.watchdog.progress(self.done(trainer), f"end of epoch {trainer.epoch} (evaluation, checkpoints)")
+        self._started().progress(self.done(trainer), f"end of epoch {trainer.epoch} (evaluation, checkpoints)")
 
     def after_train(self, trainer: "Trainer") -> None:
-        self.watchdog.stop()
+        self._started().stop()
