@@ -1,15 +1,20 @@
 """README's "Fine-tune on your data" section, run as written on tiny data with no network: COCO json ->
-config -> load_from torchvision's COCO FCOS -> train -> ``load_detector().predict`` -> ONNX export."""
+config -> load_from torchvision's COCO FCOS -> train -> ``load_detector().predict`` -> ONNX export.
+The commands run in this process (each ``tools/*.py`` file executed as ``__main__`` with its argv, the
+Python block with ``exec``) in the section's folder: the same code as new interpreters, without three
+torch imports."""
 
 from __future__ import annotations
 
 import json
-import os
+import io
 import re
+import runpy
 import shlex
-import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -45,16 +50,25 @@ def write_split(root: Path, split: str, names: list[str]) -> None:
                                                                     "categories": categories}))
 
 
-def run(command: str, cwd: Path, env: dict, extra: list[str] = ()) -> subprocess.CompletedProcess:
+def run(command: str, monkeypatch: pytest.MonkeyPatch, extra: list[str] = ()) -> SimpleNamespace:
+    """``python tools/X.py ARGS`` (or ``python FILE.py``) run as ``__main__`` in this process; fails on a
+    non-zero exit. -> ``stdout``, ``stderr``."""
     args = shlex.split(command)
     assert args[0] == "python"
-    proc = subprocess.run([sys.executable, *args[1:], *extra], cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{command}\n{proc.stdout}\n{proc.stderr}"
-    return proc
+    monkeypatch.setattr(sys, "argv", [args[1], *args[2:], *extra])
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            runpy.run_path(args[1], run_name="__main__")
+            code = 0
+        except SystemExit as stop:
+            code = stop.code or 0
+    assert code == 0, f"{command}\n{out.getvalue()}\n{err.getvalue()}"
+    return SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue())
 
 
 @pytest.mark.slow
-def test_finetune_section_runs_as_written(tmp_path):
+def test_finetune_section_runs_as_written(tmp_path, monkeypatch):
     text = section("Fine-tune on your data")
     (yaml_text,), (train_cmd, export_cmd), (python_code,) = blocks(text, "yaml"), blocks(text, "bash"), blocks(text, "python")
     for folder in ("my_data/images", "my_data/annotations", "torch_home/hub/checkpoints"):
@@ -67,10 +81,10 @@ def test_finetune_section_runs_as_written(tmp_path):
     torch.manual_seed(0)  # stands in for the COCO weights: same file name in the hub cache, random values
     torch.save(fcos_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91).state_dict(),
                tmp_path / "torch_home/hub/checkpoints" / Path(FCOS_ResNet50_FPN_Weights.COCO_V1.url).name)
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), "OMP_NUM_THREADS": "2",
-           "PYTHONPATH": str(ROOT)}
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.chdir(tmp_path)
 
-    train = run(train_cmd.strip().splitlines()[-1], tmp_path, env, ["--set", *TINY])
+    train = run(train_cmd.strip().splitlines()[-1], monkeypatch, ["--set", *TINY])
     work = tmp_path / "work_dirs/my_cells"
     report = (work / "load_from.txt").read_text()
     assert "load_from torchvision:FCOS_ResNet50_FPN_Weights.COCO_V1:" in report and "(91, 256, 3, 3) -> (3, 256" in report
@@ -78,8 +92,8 @@ def test_finetune_section_runs_as_written(tmp_path):
     assert "finished: 1 epochs" in train.stderr
 
     (tmp_path / "api.py").write_text(python_code)
-    printed = run("python api.py", tmp_path, env).stdout
+    printed = run("python api.py", monkeypatch).stdout
     assert printed.startswith("['Platelets', 'RBC', 'WBC']")
 
-    exported = run(export_cmd.strip().splitlines()[-1], tmp_path, env)
+    exported = run(export_cmd.strip().splitlines()[-1], monkeypatch)
     assert "detections matched" in exported.stdout and (tmp_path / "my_cells.onnx").stat().st_size > 100 * 2 ** 20
