@@ -72,6 +72,8 @@ class DiagnosticsHook(Hook):
         """``eval_epoch_N/`` from the evaluation, and ``results.png`` when the run writes ``metrics.jsonl``."""
         # why: matplotlib stays out of start-up (detkit.build imports this module)
         from detkit.analysis.report import write_eval_report
+        from detkit.analysis.tide import tide_errors
+        from detkit.analysis.tide_plot import write_tide
         from detkit.analysis.training_curves import write_results_png
 
         ev, s, epoch = record.evaluation, self.settings, record.epoch
@@ -80,8 +82,8 @@ class DiagnosticsHook(Hook):
         out = trainer.work_dir / f"eval_epoch_{epoch}"
         write_eval_report(out, ev.coco_eval, coco, ev.results, classes, ev.image_ids, s.iou_thr, s.score_thr,
                           title=f"epoch {epoch}")
+        write_tide(tide_errors(coco, ev.results, ev.image_ids), out)  # where the AP goes: tide.md/json/png
         written = [f"{out}/"]
-        # more reports of the same evaluation go here, each from `record` into `out` (the TIDE error analysis)
         if (trainer.work_dir / "metrics.jsonl").is_file():
             written.append(str(write_results_png(trainer.work_dir)))
         logger.info("diagnostics of epoch %d: %s", epoch, ", ".join(written))

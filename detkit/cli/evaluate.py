@@ -43,6 +43,8 @@ def report_evaluation(cfg: dict, checkpoint: str, work_dir: Path, show_dir: str 
     """The report of the evaluation just written to ``work_dir/results.json`` (and ``show_dir``'s drawings)."""
     from detkit.analysis.report import write_eval_report  # lazy (here and below): torch, kept out of --help
     from detkit.analysis.show import write_show_dir
+    from detkit.analysis.tide import tide_errors
+    from detkit.analysis.tide_plot import write_tide
     from detkit.data import build_dataset
     from detkit.engine.checkpoint import load_checkpoint
     from detkit.engine.evaluator import EvalSettings, eval_classes, run_cocoeval
@@ -57,6 +59,7 @@ def report_evaluation(cfg: dict, checkpoint: str, work_dir: Path, show_dir: str 
     coco_eval = run_cocoeval(matched.coco, results, dataset.ids, settings.backend) if results else None
     files = write_eval_report(work_dir, coco_eval, matched.coco, results, matched.classes, dataset.ids,
                               settings.iou_thr, settings.score_thr, title=Path(checkpoint).name)
+    files += write_tide(tide_errors(matched.coco, results, dataset.ids), work_dir)  # where the AP goes
     print(f"wrote {', '.join(f.name for f in files)} to {work_dir}")
     if show_dir:
         originals = build_dataset({**spec, "transforms": []}, "data.val")  # original pixels, as results.json
