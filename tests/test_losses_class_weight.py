@@ -3,7 +3,7 @@ QualityFocalLoss, VarifocalLoss and CrossEntropyLoss, ``auto`` from the training
 and the checks, through the Python API and the real CLI.
 
 References: torchvision's ``sigmoid_focal_loss`` and mmdetection's QFL / VFL formulas (reimplemented
-in tests/test_losses_round2.py) times ``class_weight[c]`` on column ``c``; ``F.cross_entropy(weight=)``.
+in tests/test_losses_mmdet_formulas.py) times ``class_weight[c]`` on column ``c``; ``F.cross_entropy(weight=)``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from detkit.losses import build_loss, class_weights_from_counts, resolve_class_w
 from detkit.registry import ConfigError
 from tests.cli_runner import run_main, tiny_shapes
 from tests.test_losses import VAL_TOL, one_hot_ref
-from tests.test_losses_round2 import mmdet_varifocal_loss, quality_inputs
+from tests.test_losses_mmdet_formulas import mmdet_varifocal_loss, quality_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 FCOS_CFG = ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"

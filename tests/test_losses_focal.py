@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from detkit.losses import build_loss
 from tests.test_losses import leaf, one_hot_ref
-from tests.test_losses_round2 import check_reductions
+from tests.test_losses_mmdet_formulas import check_reductions
 
 
 @pytest.fixture(autouse=True)

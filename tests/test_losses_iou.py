@@ -9,7 +9,7 @@ import torch
 
 from detkit.losses import build_loss
 from tests.test_losses import DEGENERATE, EPS32, VAL_TOL, box_pairs, leaf
-from tests.test_losses_round2 import check_reductions
+from tests.test_losses_mmdet_formulas import check_reductions
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from detkit.losses import build_loss
 from tests.test_losses import leaf
-from tests.test_losses_round2 import check_reductions, quality_inputs
+from tests.test_losses_mmdet_formulas import check_reductions, quality_inputs
 
 
 @pytest.fixture(autouse=True)

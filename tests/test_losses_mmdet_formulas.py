@@ -1,4 +1,4 @@
-"""Round-two losses (QFL, DFL, VFL, EIoU, SIoU, MSE, balanced L1) and the CrossEntropyLoss /
+"""mmdetection-formula losses (QFL, DFL, VFL, EIoU, SIoU, MSE, balanced L1) and the CrossEntropyLoss /
 GaussianFocalLoss options, against independent references.
 
 References are mmdetection's formulas (mmdet/models/losses/{gfocal_loss,varifocal_loss,iou_loss,
