@@ -147,7 +147,9 @@ class DetectorModel:
 
     def _forward(self, images: Tensor, image_sizes: Tensor) -> list[dict[str, Tensor]]:
         """``model.predict`` of a batch ``(B, 3, h, w)`` in ``channels_last``, as the folded model runs fastest."""
-        return self.model.predict(images.contiguous(memory_format=torch.channels_last), image_sizes)
+        # a Detector's method (nn.Module types unknown attributes as Tensor | Module)
+        return self.model.predict(images.contiguous(memory_format=torch.channels_last),  # type: ignore[operator]
+                                  image_sizes)
 
     def __repr__(self) -> str:
         return (f"DetectorModel({self.config['model'].get('type')}, {len(self.classes)} classes, "

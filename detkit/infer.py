@@ -58,9 +58,9 @@ def check_output_folder(out: Path, images: Sequence[str], pairs: Sequence[tuple[
     for name in ("results.json", "images.json"):
         if (out_resolved / name) in inputs:
             raise ConfigError(f"--out {out}: writing {name} would overwrite an input")
-    for _, name in pairs:
-        if (out_resolved / name).resolve() in inputs:
-            raise ConfigError(f"--out {out}: the drawing of {name} would overwrite the input {out / name}")
+    for _, drawn in pairs:
+        if (out_resolved / drawn).resolve() in inputs:
+            raise ConfigError(f"--out {out}: the drawing of {drawn} would overwrite the input {out / drawn}")
 
 
 def infer_images(detector: DetectorModel, images: Sequence[str], out_dir: str | os.PathLike, score_thr: float = 0.3,

@@ -29,7 +29,9 @@ def synthetic_coco(num_images: int = 5000, num_classes: int = 80, boxes: int = 7
     and ``dets`` detections per image: jittered copies of the boxes (10% with a wrong class) plus random
     boxes, with random scores."""
     rng = np.random.default_rng(seed)
-    images, anns, results = [], [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
     for image_id in range(1, num_images + 1):
         images.append({"id": image_id, "width": 640, "height": 480, "file_name": f"{image_id:06d}.jpg"})
         n = int(rng.integers(1, 2 * boxes + 1))
@@ -88,7 +90,7 @@ def report_cost(run_dir: str, epoch: int, repeats: int = 5) -> dict[str, list[fl
     from detkit.data import build_dataset
 
     cfg = load_config(Path(run_dir) / "config.yaml")
-    dataset = build_dataset(cfg["data"]["val"], "data.val")
+    dataset: Any = build_dataset(cfg["data"]["val"], "data.val")  # a COCO-indexed detkit dataset
     results = json.loads((Path(run_dir) / "results" / f"bbox_epoch_{epoch}.json").read_text())
     times: dict[str, list[float]] = {**{f"COCOeval {b}": [] for b in BACKENDS}, "report": [], "results.png": []}
     with tempfile.TemporaryDirectory() as out:
@@ -130,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"python {platform.python_version()}, pycocotools {version('pycocotools')}, "
           f"faster-coco-eval {version('faster-coco-eval')}, numpy {np.__version__}")
     for backend, seconds in out["times"].items():
-        times = " ".join(f"{s:.2f}" for s in seconds)
-        print(f"  {backend:<17} {times} s (median {statistics.median(seconds):.2f})")
+        listed = " ".join(f"{s:.2f}" for s in seconds)
+        print(f"  {backend:<17} {listed} s (median {statistics.median(seconds):.2f})")
     for backend, ratio in out["ratio"].items():
         print(f"  pycocotools / {backend}: {ratio:.2f}x; largest difference of the 12 COCO numbers "
               f"{out['max_stat_diff'][backend]:.2e}")

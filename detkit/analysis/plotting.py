@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -12,7 +13,8 @@ COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
            "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94"]
 
 
-def new_figure(width: float, height: float, layout: str | None = "constrained") -> Figure:
+def new_figure(width: float, height: float,
+               layout: Literal["constrained", "compressed", "tight"] | None = "constrained") -> Figure:
     """A figure of ``width x height`` inches on an Agg canvas. The default constrained layout never clips
     titles or tick labels but doubles the drawing time; ``layout=None`` leaves placement to
     :func:`margins` (for the figures written at every evaluation whose labels have known sizes)."""

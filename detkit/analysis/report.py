@@ -25,7 +25,7 @@ AP_COLUMNS = {"AP": (0, None), "AP50": (0, 0.5), "AP75": (0, 0.75), "APs": (1, N
               "APl": (3, None)}
 
 
-def _value(x: float) -> float | None:
+def _value(x: float | np.ndarray) -> float | None:
     """JSON-safe: NaN -> None, else rounded to 4 digits."""
     return None if np.isnan(x) else round(float(x), 4)
 
@@ -35,7 +35,8 @@ def per_class_table(coco_eval: Any, coco_gt: Any, image_ids: Sequence[int], clas
     """One row per class: ground-truth boxes and images, COCO AP/AP50/AP75/APs/APm/APl and AR100
     (area all, 100 detections), and recall/precision at the confusion matrix's operating point."""
     cat_ids, wanted = sorted(coco_gt.getCatIds()), set(int(i) for i in image_ids)
-    gt_boxes, gt_images = np.zeros(len(cat_ids), dtype=int), [set() for _ in cat_ids]
+    gt_boxes = np.zeros(len(cat_ids), dtype=int)
+    gt_images: list[set[int]] = [set() for _ in cat_ids]
     index = {c: k for k, c in enumerate(cat_ids)}
     for ann in coco_gt.dataset.get("annotations", []):
         if ann["image_id"] in wanted and not ann.get("iscrowd", 0):

@@ -33,7 +33,7 @@ def side_by_side(image: Tensor, target: dict[str, Any], boxes: Tensor, scores: T
     right = draw_detections(image, boxes[keep] * factor, labels[keep], classes, scores[keep])
     h, w = image.shape[-2:]
     font = ImageFont.load_default(size=max(10, round(min(h, w) / 25)))
-    header = font.getbbox("Ag")[3] + 6
+    header = int(font.getbbox("Ag")[3]) + 6  # pixels (Pillow types the box as floats)
     canvas = Image.new("RGB", (2 * w + GAP, h + header), "white")
     for x, half in ((0, left), (w + GAP, right)):
         canvas.paste(Image.fromarray(half.permute(1, 2, 0).numpy()), (x, header))

@@ -43,6 +43,7 @@ def epoch_seconds(config: str | Path, overrides: Sequence[str], device: str, epo
     cfg["data"].pop("val", None)
     with tempfile.TemporaryDirectory() as work:
         trainer = build_trainer(cfg, Path(work), device=device)
+        assert trainer is not None, "None only for a finished resumed run"
         timer = EpochTimer()
         trainer.hooks.insert(0, timer)
         trainer.train()

@@ -169,7 +169,7 @@ def inference_rate(model: torch.nn.Module, loader: Any, device: torch.device, am
             sync(device)
             start = time.perf_counter()
             with autocast(device, amp):
-                model.predict(images, batch["image_sizes"])
+                model.predict(images, batch["image_sizes"])  # type: ignore[operator]  # a Detector's method
             sync(device)
             if i:
                 seconds, seen = seconds + time.perf_counter() - start, seen + len(batch["image_ids"])
@@ -189,6 +189,7 @@ def bench_config(config: str | Path, overrides: Sequence[str], device: str, step
     with tempfile.TemporaryDirectory() as work:
         trainer = build_trainer({**cfg, "data": {k: v for k, v in data.items() if k != "val"}}, Path(work),
                                 device=device, overwrite=True)
+        assert trainer is not None, "None only for a finished resumed run"
         dev = trainer.device
         timer = PartTimer(dev)
         compiled = bool(trainer.cfg.get("train", {}).get("compile"))

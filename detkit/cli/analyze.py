@@ -6,6 +6,7 @@ import argparse
 import inspect
 import json
 from pathlib import Path
+from typing import Any
 
 from detkit.cli.common import add_set_argument, run_config
 from detkit.files import is_inside
@@ -67,7 +68,7 @@ def cmd_browse(args: argparse.Namespace) -> int:
     from detkit.visualize import draw_detections, save_grid
 
     cfg = run_config(args)
-    dataset = build_dataset(cfg["data"][args.split], f"data.{args.split}")
+    dataset: Any = build_dataset(cfg["data"][args.split], f"data.{args.split}")  # map-style, with `classes`
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     drawn = []

@@ -50,7 +50,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         print(split.check_line(out), flush=True)
     if args.quick:
         args.repeat, args.size, args.batch, args.depths, args.width = 3, 256, 2, [18], 64
-    amps = {"fp32": [None], "bf16": ["bf16"], "both": [None, "bf16"]}[args.amp]
+    precisions: dict[str, list[str | None]] = {"fp32": [None], "bf16": ["bf16"], "both": [None, "bf16"]}
+    amps = precisions[args.amp]
     if "losses" in args.sections:
         show("losses", "losses (fwd+bwd)", peers.bench_losses(device, args.size, args.batch, args.repeat, args.compile))
     if "assigners" in args.sections:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -65,9 +65,13 @@ class CenterNetHead(DetectionHead):
         self.wh = branch(in_channels, feat_channels, 2)
         self.offset = branch(in_channels, feat_channels, 2)
         for module in (self.wh, self.offset):
-            nn.init.normal_(module[-1].weight, std=0.001)
-            nn.init.zeros_(module[-1].bias)
-        nn.init.constant_(self.heatmap[-1].bias, heatmap_bias)
+            last = cast(nn.Conv2d, module[-1])  # branch() ends with a conv that has a bias
+            assert last.bias is not None
+            nn.init.normal_(last.weight, std=0.001)
+            nn.init.zeros_(last.bias)
+        heat = cast(nn.Conv2d, self.heatmap[-1])
+        assert heat.bias is not None
+        nn.init.constant_(heat.bias, heatmap_bias)
         self.assigner = ASSIGNERS.build(dict(assigner or {"type": "CenterNetAssigner"}), "assigner",
                                         stride=self.stride)
         self.losses = LossTerms(losses if losses is not None else CENTERNET_LOSSES, CENTERNET_TERMS)

@@ -58,6 +58,8 @@ class Detector(nn.Module):
 
     #: the frozen teacher whose outputs the head's distillation terms take (not a submodule: never saved)
     teacher: FrozenTeacher | None = None
+    pixel_mean: Tensor  # (1, 3, 1, 1) buffers
+    pixel_std: Tensor
 
     def __init__(self, backbone: dict, neck: dict, head: dict, pixel_mean: Sequence[float] = PIXEL_MEAN,
                  pixel_std: Sequence[float] = PIXEL_STD, teacher: Mapping[str, Any] | None = None) -> None:

@@ -64,7 +64,7 @@ class CenterNetNeck(nn.Module):
         make_norm = norm_layer(norm)
         self.use_deconv = use_deconv
         self.stages = nn.ModuleList()
-        self.laterals = nn.ModuleList() if skip else None
+        self.laterals: nn.ModuleList | None = nn.ModuleList() if skip else None
         prev = in_channels[-1]
         if skip and len(in_channels) < len(channels) + 1:
             raise ConfigError(f"CenterNetNeck skip needs {len(channels) + 1} backbone maps, got {len(in_channels)}")
@@ -73,7 +73,7 @@ class CenterNetNeck(nn.Module):
                   else nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
             self.stages.append(nn.Sequential(nn.Conv2d(prev, ch, 3, padding=1, bias=False), make_norm(ch),
                                              nn.ReLU(inplace=True), up, make_norm(ch), nn.ReLU(inplace=True)))
-            if skip:
+            if self.laterals is not None:
                 self.laterals.append(nn.Conv2d(in_channels[-2 - i], ch, 1))
             prev = ch
         self.out_channels = prev

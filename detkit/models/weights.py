@@ -28,7 +28,7 @@ def weights_enum(name: str, key: str, model_name: str | None = None) -> Any:
         if model_name is None:
             raise ConfigError(f"{key}: '{PREFIX}{name}' needs a full weights name, e.g. "
                               f"'{PREFIX}FCOS_ResNet50_FPN_Weights.COCO_V1'")
-        enum = get_model_weights(model_name)
+        enum: type[WeightsEnum] | None = get_model_weights(model_name)
         member = name or "DEFAULT"
     else:
         enum_name, member = name.split(".", 1)
