@@ -27,6 +27,27 @@ from detkit.losses import build_loss
 from detkit.ops.priors import dense_points
 
 
+def fwd_bwd(fn: Callable[[], Tensor], *leaves: Tensor) -> Callable[[], None]:
+    """A timed step: ``fn()`` forward and backward, then the leaves' gradients dropped."""
+    def run() -> None:
+        fn().backward()
+        for leaf in leaves:
+            leaf.grad = None
+    return run
+
+
+def time_loss_case(case: tuple, device: torch.device, repeat: int, compile_losses: bool) -> dict[str, Any]:
+    """One row of :func:`bench_losses`: ``case`` = (name, peer, ours, peer's, ours compiled) steps, timed
+    alternately."""
+    name, peer, eager_fn, peer_fn, compiled_fn = case
+    fns = {"ours": eager_fn, "peer": peer_fn, **({"compiled": compiled_fn} if compile_losses else {})}
+    t = time_pair(fns, device, repeat)
+    row = {"loss": name, "peer": peer, "detkit": t["ours"], "peer_time": t["peer"], "speedup": t["peer"] / t["ours"]}
+    if compile_losses:
+        row.update({"detkit_compiled": t["compiled"], "compiled_speedup": t["peer"] / t["compiled"]})
+    return row
+
+
 def bench_losses(device: torch.device, size: int, batch: int, repeat: int, compile_losses: bool = False
                  ) -> list[dict[str, Any]]:
     """fwd+bwd of each loss vs its torch/torchvision peer on FCOS-sized tensors (B x A x C=80).
@@ -51,24 +72,17 @@ def bench_losses(device: torch.device, size: int, batch: int, repeat: int, compi
     ce_labels = labels.reshape(-1).clamp(max=num_classes - 1)
     mask = (labels < num_classes).float()
 
-    def fb(fn: Callable[[], Tensor], *leaves: Tensor) -> Callable[[], None]:
-        def run() -> None:
-            fn().backward()
-            for leaf in leaves:
-                leaf.grad = None
-        return run
-
     def ours(spec: dict, *args: Any, leaf: Tensor, **kw: Any) -> tuple[Callable[[], None], Callable[[], None]]:
         loss = build_loss(spec)
         fused = torch.compile(loss, dynamic=False) if compile_losses else loss
-        return fb(lambda: loss(*args, **kw), leaf), fb(lambda: fused(*args, **kw), leaf)
+        return fwd_bwd(lambda: loss(*args, **kw), leaf), fwd_bwd(lambda: fused(*args, **kw), leaf)
 
     focal = ours({"type": "FocalLoss", "reduction": "sum"}, logits, labels, leaf=logits)
     cases = [
         ("FocalLoss", "torchvision sigmoid_focal_loss", *focal[:1],
-         fb(lambda: ops.sigmoid_focal_loss(logits, one_hot, reduction="sum"), logits), focal[1]),
+         fwd_bwd(lambda: ops.sigmoid_focal_loss(logits, one_hot, reduction="sum"), logits), focal[1]),
         ("FocalLoss", "seed per-image loop (compute_cls_loss)", *focal[:1],
-         fb(lambda: seed_compute_cls_loss(logits, ((labels + 1) % (num_classes + 1))[..., None], mask), logits),
+         fwd_bwd(lambda: seed_compute_cls_loss(logits, ((labels + 1) % (num_classes + 1))[..., None], mask), logits),
          focal[1]),
     ]
     for name, peer, spec, args, leaf, kw, theirs in [
@@ -90,19 +104,8 @@ def bench_losses(device: torch.device, size: int, batch: int, repeat: int, compi
          heat_logits, {"avg_factor": 100.0}, lambda: seed_neg_loss(heat_logits, heat_t)),
     ]:
         eager, fused = ours(spec, *args, leaf=leaf, **kw)
-        cases.append((name, peer, eager, fb(theirs, leaf), fused))
-    rows = []
-    for name, peer, eager_fn, peer_fn, compiled_fn in cases:
-        fns = {"ours": eager_fn, "peer": peer_fn}
-        if compile_losses:
-            fns["compiled"] = compiled_fn
-        t = time_pair(fns, device, repeat)
-        row = {"loss": name, "peer": peer, "detkit": t["ours"], "peer_time": t["peer"],
-               "speedup": t["peer"] / t["ours"]}
-        if compile_losses:
-            row.update({"detkit_compiled": t["compiled"], "compiled_speedup": t["peer"] / t["compiled"]})
-        rows.append(row)
-    return rows
+        cases.append((name, peer, eager, fwd_bwd(theirs, leaf), fused))
+    return [time_loss_case(case, device, repeat, compile_losses) for case in cases]
 
 
 def bench_assigners(device: torch.device, sizes: Sequence[tuple[int, int]], batch: int, gts: int,
