@@ -23,8 +23,10 @@ from PIL import Image
 from torchvision.models.detection import FCOS_ResNet50_FPN_Weights, fcos_resnet50_fpn
 
 ROOT = Path(__file__).resolve().parents[1]
+# model.head.score_thr=0: a model trained one step scores nothing above 0.05, and export's parity check would
+# export the R-50 a second time at threshold 0 (docs/deploy.md); the checkpoint keeps 0 and the check runs once
 TINY = ["train.epochs=1", "data.batch_size=2", "data.val_batch_size=2", "data.num_workers=0", "train.eval_interval=1",
-        "scheduler.warmup_iters=1", "train.log_interval=1"]
+        "scheduler.warmup_iters=1", "train.log_interval=1", "model.head.score_thr=0.0"]
 
 
 def section(title: str) -> str:
@@ -95,5 +97,7 @@ def test_finetune_section_runs_as_written(tmp_path, monkeypatch):
     printed = run("python api.py", monkeypatch).stdout
     assert printed.startswith("['Platelets', 'RBC', 'WBC']")
 
-    exported = run(export_cmd.strip().splitlines()[-1], monkeypatch)
+    # the TorchScript-based exporter: 10 s for this R-50 against 55 s for the default dynamo exporter, which
+    # tests/test_export.py checks on small models; the command, the check and the file are otherwise the same
+    exported = run(export_cmd.strip().splitlines()[-1], monkeypatch, ["--legacy-exporter"])
     assert "detections matched" in exported.stdout and (tmp_path / "my_cells.onnx").stat().st_size > 100 * 2 ** 20
