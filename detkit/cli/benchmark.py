@@ -19,6 +19,34 @@ SECTIONS = ["losses", "assigners", "train_step", "inference", "loading", "epochs
 GPU = {"depths": [50], "width": 256, "size": 512, "batch": 8, "amps": [None, "bf16"], "compiled": True}
 
 
+def apply_presets(args: argparse.Namespace, device_type: str) -> None:
+    """``--sections gpu`` (the GPU figures' settings), ``--config`` alone (its split only) and ``--quick``
+    (toy sizes) rewrite ``args`` in place before the sections run."""
+    if "gpu" in args.sections:
+        if device_type != "cuda":
+            raise ConfigError("--sections gpu needs --device cuda (or auto with a GPU)")
+        args.sections = ["assigners", "train_step"]
+        args.depths, args.width, args.size, args.batch = GPU["depths"], GPU["width"], GPU["size"], GPU["batch"]
+        args.compile, args.amp = GPU["compiled"], "both"
+        args.config, args.set = args.config or str(DEFAULT_CONFIG), args.set or ["data.num_workers=8"]
+    elif args.config:
+        args.sections = []
+    if args.quick:
+        args.repeat, args.size, args.batch, args.depths, args.width = 3, 256, 2, [18], 64
+
+
+def loading_datasets(args: argparse.Namespace) -> dict[str, dict]:
+    """The dataset specs the ``loading`` section times: shapes, and BCCD where ``--bccd`` is a folder."""
+    datasets: dict[str, dict] = {"shapes 128px": {
+        "type": "ShapesDataset", "num_images": 256 if args.quick else 2000, "image_size": 128, "min_size": 8,
+        "transforms": [{"type": "RandomHorizontalFlip", "p": 0.5}, {"type": "RandomPhotometricDistort", "p": 0.5}]}}
+    if Path(args.bccd).is_dir():
+        datasets["BCCD 640x480"] = {"type": "CocoDataset", "data_root": args.bccd,
+                                    "ann_file": "annotations/instances_train.json", "img_dir": "images",
+                                    "transforms": [{"type": "RandomHorizontalFlip", "p": 0.5}]}
+    return datasets
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """Every section ``args`` asks for (the ``benchmark`` command's arguments), each table printed as it is done."""
     import torch  # lazy (and the sections below): torch, kept out of --help
@@ -33,23 +61,13 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         results[key] = rows
         print(common.markdown(title, rows), flush=True)
 
-    if "gpu" in args.sections:
-        if device.type != "cuda":
-            raise ConfigError("--sections gpu needs --device cuda (or auto with a GPU)")
-        args.sections = ["assigners", "train_step"]
-        args.depths, args.width, args.size, args.batch = GPU["depths"], GPU["width"], GPU["size"], GPU["batch"]
-        args.compile, args.amp = GPU["compiled"], "both"
-        args.config, args.set = args.config or str(DEFAULT_CONFIG), args.set or ["data.num_workers=8"]
-    elif args.config:
-        args.sections = []
+    apply_presets(args, device.type)
     if args.config:
         quick = {"steps": 4, "warmup": 2, "infer_batches": 2} if args.quick else {"steps": args.steps}
         out = split.bench_config(args.config, args.set, args.device, **quick)
         show("config", f"{Path(args.config).name} {' '.join(args.set)}".strip(), out["summary"])
         show("split", "where the training step goes (ms per step)", out["split"])
         print(split.check_line(out), flush=True)
-    if args.quick:
-        args.repeat, args.size, args.batch, args.depths, args.width = 3, 256, 2, [18], 64
     precisions: dict[str, list[str | None]] = {"fp32": [None], "bf16": ["bf16"], "both": [None, "bf16"]}
     amps = precisions[args.amp]
     if "losses" in args.sections:
@@ -65,15 +83,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         show("inference", "batched inference, fp32 (predict vs torchvision eval())", train_step.bench_inference(
             device, args.depths[0], args.width, args.num_convs, args.num_classes, args.size, args.batch, args.repeat))
     if "loading" in args.sections:
-        datasets = {"shapes 128px": {"type": "ShapesDataset", "num_images": 256 if args.quick else 2000,
-                                     "image_size": 128, "min_size": 8,
-                                     "transforms": [{"type": "RandomHorizontalFlip", "p": 0.5},
-                                                    {"type": "RandomPhotometricDistort", "p": 0.5}]}}
-        if Path(args.bccd).is_dir():
-            datasets["BCCD 640x480"] = {"type": "CocoDataset", "data_root": args.bccd,
-                                        "ann_file": "annotations/instances_train.json", "img_dir": "images",
-                                        "transforms": [{"type": "RandomHorizontalFlip", "p": 0.5}]}
-        show("loading", "data loading (batch 16)", peers.bench_loading(datasets, 16, [0, 2], 4 if args.quick else 15))
+        show("loading", "data loading (batch 16)",
+             peers.bench_loading(loading_datasets(args), 16, [0, 2], 4 if args.quick else 15))
     if "epochs" in args.sections:
         from detkit.bench.epochs import bench_epochs  # the trainer: only for this section
 
