@@ -28,12 +28,10 @@ CONFIGS = {
 SIZES = [(100, 130), (90, 110), (70, 83)]  # (h, w), none a multiple of the model's size_divisor 32
 
 
-def spread_model(name: str) -> torch.nn.Module:
-    """A detector whose head weights spread the scores (no exact ties: the order of detections is defined)
-    and whose classifier starts at even odds (scores above ``score_thr``: detections to compare)."""
-    torch.manual_seed(0)
-    cfg_path, overrides = CONFIGS[name]
-    model = build_detector(load_config(cfg_path, overrides)["model"]).eval()
+def spread_head_scores(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its head's conv weights drawn from N(0, 0.05) and biases zeroed, in place: spread scores
+    (no exact ties: the order of detections is defined) and a classifier at even odds (scores above
+    ``score_thr``: detections to compare)."""
     with torch.no_grad():
         for module in model.head.modules():
             if isinstance(module, torch.nn.Conv2d):
@@ -41,6 +39,13 @@ def spread_model(name: str) -> torch.nn.Module:
                 if module.bias is not None:
                     module.bias.zero_()
     return model
+
+
+def spread_model(name: str) -> torch.nn.Module:
+    """The ``CONFIGS[name]`` detector, seeded, with :func:`spread_head_scores`."""
+    torch.manual_seed(0)
+    cfg_path, overrides = CONFIGS[name]
+    return spread_head_scores(build_detector(load_config(cfg_path, overrides)["model"]).eval())
 
 
 def images() -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ from detkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from detkit.export import FORMATS, ExportFormat, ExportWrapper, export_checkpoint
 from detkit.models import build_detector
 from tests.cli_runner import run_main, tiny_shapes
+from tests.test_export import spread_head_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 FCOS_CFG = ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"
@@ -60,13 +61,7 @@ def checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("parity")
     cfg = load_config(FCOS_CFG, tiny_shapes(root / "data"))
     torch.manual_seed(0)
-    model = build_detector(cfg["model"])
-    with torch.no_grad():
-        for module in model.head.modules():
-            if isinstance(module, torch.nn.Conv2d):
-                module.weight.normal_(0, 0.05)
-                if module.bias is not None:
-                    module.bias.zero_()
+    model = spread_head_scores(build_detector(cfg["model"]))
     save_checkpoint({"model": model.state_dict(), "config": cfg, "classes": ["a", "b", "c", "d"]}, root / "m.pth")
     return root / "m.pth"
 
