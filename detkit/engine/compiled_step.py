@@ -13,7 +13,6 @@ unpadded one. Loss-weight schedules are refused: their value would be a guard (a
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from detkit.models.detector import Detector, pad_targets
+from detkit.ops.tiles import pad_to_multiple
 from detkit.registry import ConfigError
 
 #: Padded image sides are multiples of this (the coarsest FCOS stride; 128 px buckets keep the number
@@ -32,9 +32,7 @@ MIN_GTS = 8
 
 def bucket_images(images: Tensor, bucket: int = SIZE_BUCKET) -> Tensor:
     """``(B, 3, H, W)`` -> ``(B, 3, H', W')`` zero-padded at the bottom/right to multiples of ``bucket``."""
-    h, w = images.shape[-2:]
-    pad_h, pad_w = math.ceil(h / bucket) * bucket - h, math.ceil(w / bucket) * bucket - w
-    return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+    return pad_to_multiple(images, bucket)
 
 
 def bucket_targets(boxes: Tensor, labels: Tensor, mask: Tensor, minimum: int = MIN_GTS

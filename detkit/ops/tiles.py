@@ -153,10 +153,12 @@ class TileSettings:
         return s
 
 
-def _pad(images: Tensor, divisor: int) -> Tensor:
-    """``(B, 3, h, w)`` zero-padded at the bottom/right to multiples of ``divisor`` (as the collate pads)."""
+def pad_to_multiple(images: Tensor, divisor: int) -> Tensor:
+    """``(B, C, h, w)`` -> ``(B, C, h', w')`` zero-padded at the bottom/right to multiples of ``divisor`` (as the
+    collate pads); ``images`` itself when both sides already are."""
     h, w = images.shape[-2:]
-    return F.pad(images, (0, -w % divisor, 0, -h % divisor))
+    pad_h, pad_w = -h % divisor, -w % divisor
+    return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
 
 
 def sliced_predict(predict: PredictFn, image: Tensor, tiles: TileSettings, size_divisor: int = 32
@@ -173,13 +175,13 @@ def sliced_predict(predict: PredictFn, image: Tensor, tiles: TileSettings, size_
         chunk = grid[start:start + tiles.batch_size]
         batch = torch.stack([image[:, y1:y1 + th, x1:x1 + tw] for x1, y1, _, _ in chunk.tolist()])
         sizes = torch.tensor([[th, tw]], dtype=torch.int64).expand(len(chunk), 2)
-        for (x1, y1, _, _), det in zip(chunk.tolist(), predict(_pad(batch, size_divisor), sizes)):
+        for (x1, y1, _, _), det in zip(chunk.tolist(), predict(pad_to_multiple(batch, size_divisor), sizes)):
             parts.append({**det, "boxes": det["boxes"] + det["boxes"].new_tensor([x1, y1, x1, y1])})
     if tiles.full_image and len(grid) > 1:  # more than one tile: the image is larger than a tile
         scale = tiles.size / max(height, width)
         h, w = max(round(height * scale), 1), max(round(width * scale), 1)
         whole = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-        det = predict(_pad(whole.round().clamp(0, 255).to(image.dtype), size_divisor),
+        det = predict(pad_to_multiple(whole.round().clamp(0, 255).to(image.dtype), size_divisor),
                       torch.tensor([[h, w]], dtype=torch.int64))[0]
         parts.append({**det, "boxes": det["boxes"] * det["boxes"].new_tensor([width / w, height / h] * 2)})
     if len(parts) == 1:
