@@ -92,6 +92,7 @@ def test_sixteen_bit_pil_images_are_scaled_like_files():
     assert image.shape == (3, 3, 4) and torch.equal(image[0], torch.from_numpy((values >> 8).astype(np.uint8)))
 
 
+@pytest.mark.slow
 def test_a_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path):
     marker = tmp_path / "pwned"
 
@@ -116,6 +117,7 @@ def infer(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 def test_infer_keeps_relative_paths_and_never_overwrites_inputs(tmp_path, capsys):
     ckpt = tmp_path / "m.pth"
     write_checkpoint(ckpt)
@@ -146,6 +148,7 @@ def test_infer_keeps_relative_paths_and_never_overwrites_inputs(tmp_path, capsys
     assert before == {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_weights_of_another_detector_get_one_named_error(tmp_path):
     ckpt = tmp_path / "centernet.pth"
     write_checkpoint(ckpt, CENTERNET_CFG, ["model.neck.channels=[32,16,16]", "model.head.feat_channels=16"])

@@ -125,6 +125,7 @@ def test_heads_pass_detached_predictions_and_gfl_learns_the_soft_targets(head, a
         assert not torch.equal(model.loss(outputs, *gt)["cls"], losses["cls"])
 
 
+@pytest.mark.slow
 def test_tood_config_trains_through_the_cli_and_switches_from_atss(tmp_path):
     """Two one-step epochs of configs/tood: ATSS in epoch 1, task-aligned from epoch 2 (set by the
     trainer's SetEpochHook), and a bad TaskAlignedAssigner key is refused with exit 2 before writing."""

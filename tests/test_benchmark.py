@@ -141,6 +141,7 @@ def compiled_matches_eager(backend: str) -> None:
             torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_step_traces_to_eager_losses_and_gradients():
     # dynamo + AOTAutograd's forward/backward split without inductor's code generation, which takes 1.5 min
     # on 2 cores for this toy (compiled_matches_eager("inductor") passes too; docs/benchmarks.md)

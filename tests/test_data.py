@@ -231,6 +231,7 @@ def test_default_shapes_config_loads_through_yaml(tmp_path):
     assert len(ds) == 8 and ds[0][0].dtype == torch.uint8
 
 
+@pytest.mark.slow
 def test_browse_dataset_writes_pngs(tmp_path):
     out = tmp_path / "out"
     subprocess.run([sys.executable, str(ROOT / "tools/browse_dataset.py"), "--config",

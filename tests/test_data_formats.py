@@ -255,6 +255,7 @@ def test_bad_yolo_files_are_named(yolo, damage, error, match):
 
 
 @pytest.mark.parametrize("fmt", ["voc", "yolo"])
+@pytest.mark.slow
 def test_train_and_evaluate_from_yaml(fmt, voc, yolo, tmp_path):
     spec = ({"type": "VOCDataset", "data_root": str(voc)} if fmt == "voc"
             else {"type": "YOLODataset", "data_root": str(yolo), "names": "data.yaml"})

@@ -70,6 +70,7 @@ def padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.tensor([[100, 130], [70, 83]])
 
 
+@pytest.mark.slow
 def test_openvino_gives_onnxruntimes_detections(tmp_path):
     pytest.importorskip("openvino", reason="the openvino extra is not installed")
     pytest.importorskip("onnxruntime", reason="the export extra is not installed")

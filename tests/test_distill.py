@@ -128,6 +128,7 @@ def tiny_gfl(**head) -> dict:
                      "losses": {**GFL_LOSSES, "ld": LD}, **head}}
 
 
+@pytest.mark.slow
 def test_teacher_is_frozen_moved_along_and_outside_the_student(tmp_path):
     torch.manual_seed(0)
     teacher_spec = tiny_gfl(losses=GFL_LOSSES, num_convs=2)  # another architecture than the student's
@@ -196,6 +197,7 @@ def shapes(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("distill")
 
 
+@pytest.mark.slow
 def test_cli_trains_a_gfl_student_with_a_teacher_checkpoint(shapes):
     teacher = write_teacher(shapes / "teacher.pth", shapes / "data")
     work, config = shapes / "work", shapes / "ld_kd.yaml"
@@ -219,6 +221,7 @@ def test_cli_trains_a_gfl_student_with_a_teacher_checkpoint(shapes):
     ("classes.pth", "has num_classes 3, the student 4"),
     ("fcos.pth", "with a FCOSHead; the student's head is a GFLHead"),
 ])
+@pytest.mark.slow
 def test_cli_refuses_a_bad_teacher_before_writing(shapes, teacher, message):
     data = shapes / "data"
     makers = {"classes.pth": lambda p: write_teacher(p, data, "model.head.num_classes=3"),

@@ -65,6 +65,7 @@ def assert_same_detections(exported: tuple, reference: dict, n: int = 0) -> None
 
 @pytest.mark.parametrize(("fmt", "name"), [("onnx", "fcos"), ("onnx", "centernet"), ("onnx", "gfl"),
                                            ("torchscript", "fcos"), ("torchscript", "centernet")])  # GFL: FCOS's NMS
+@pytest.mark.slow
 def test_exported_model_equals_predict_at_any_size_and_in_a_padded_batch(tmp_path, name, fmt):
     """The graph pads to size_divisor and clips to each image's image_sizes row as predict does: the file
     gives predict's detections for each image alone (unpadded) and for the three as one zero-padded batch."""

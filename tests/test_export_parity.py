@@ -86,6 +86,7 @@ def eager(wrapper: type[ExportWrapper]) -> ExportFormat:
     return replace(FORMATS["torchscript"], export=export, load=lambda path: graphs[Path(path)])
 
 
+@pytest.mark.slow
 def test_the_check_refuses_a_broken_graph_and_leaves_out_as_it_was(checkpoint, tmp_path, monkeypatch):
     out = tmp_path / "m.pt"
     out.write_bytes(b"the previous export")
@@ -99,6 +100,7 @@ def test_the_check_refuses_a_broken_graph_and_leaves_out_as_it_was(checkpoint, t
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"] and out.read_bytes() == b"the previous export"
 
 
+@pytest.mark.slow
 def test_a_passing_export_says_what_it_compared_without_warnings(checkpoint, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -113,6 +115,7 @@ def test_a_passing_export_says_what_it_compared_without_warnings(checkpoint, tmp
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # no temporary file left
 
 
+@pytest.mark.slow
 def test_nothing_compared_is_retried_at_threshold_0_and_never_a_pass(checkpoint, tmp_path, monkeypatch):
     model = load_detector(checkpoint, "cpu")
     model.model.head.score_thr = 1.0  # nothing scores above: PyTorch and any file detect nothing

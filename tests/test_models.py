@@ -180,6 +180,7 @@ def test_centernet_losses_match_the_seed_normalisation():
     assert num == 3
 
 
+@pytest.mark.slow
 def test_default_configs_build():
     for path in sorted((ROOT / "configs").glob("*/*.yaml")):
         if path.parent.name == "_base_":

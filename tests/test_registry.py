@@ -93,6 +93,7 @@ def test_all_registries_exist():
                                "weight_schedules"}
 
 
+@pytest.mark.slow
 def test_list_command_shows_every_loss_with_parameters():
     out = subprocess.run([sys.executable, "-m", "detkit", "list", "losses"], capture_output=True,
                          text=True, check=True).stdout

@@ -64,6 +64,7 @@ def test_eval_only_without_a_checkpoint_is_an_error(tmp_path, capsys):
     assert "no readable checkpoint in" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_resumed_config_wins_and_another_optimizer_starts_fresh(trained, tmp_path, capsys):
     work = tmp_path / "w"
     state = load_checkpoint(trained / "work/latest.pth")

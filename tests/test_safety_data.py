@@ -75,6 +75,7 @@ def test_an_image_too_large_for_memory_names_the_image_and_the_fix(tmp_path, mon
         dataset[0]
 
 
+@pytest.mark.slow
 def test_a_model_with_more_classes_than_the_data_warns_and_evaluates(tmp_path, capsys):
     data = tmp_path / "data"
     args = ["train", "--config", str(ROOT / "configs/fcos/fcos_r18_fpn_shapes.yaml"), "--work-dir",

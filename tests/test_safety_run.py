@@ -123,6 +123,7 @@ def test_a_save_failing_inside_torch_save_names_the_path_and_reason(tmp_path):
     assert load_checkpoint(path)["epoch"] == 1 and [p.name for p in tmp_path.iterdir()] == ["latest.pth"]
 
 
+@pytest.mark.slow
 def test_a_nan_metric_is_no_improvement_and_the_run_saves(tmp_path):
     """APl without large boxes: NaN at every evaluation; early stop and best_metric on it."""
     work = tmp_path / "w"
@@ -147,6 +148,7 @@ def test_resume_without_a_readable_checkpoint_says_what_to_do(tmp_path):
     assert "already holds a run" not in proc.stderr and snapshot(work) == before
 
 
+@pytest.mark.slow
 def test_a_signal_during_evaluation_stops_there_and_resume_evaluates(tmp_path, monkeypatch):
     from detkit.engine.hooks import evaluation
 

@@ -34,6 +34,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_live_run_locks_its_work_dir_and_a_killed_one_does_not(tmp_path):
     work = tmp_path / "w"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
@@ -49,6 +50,7 @@ def test_a_live_run_locks_its_work_dir_and_a_killed_one_does_not(tmp_path):
     WorkDirLock(work).acquire().release()
 
 
+@pytest.mark.slow
 def test_a_new_run_never_mixes_with_an_old_one(tmp_path):
     work = tmp_path / "w"
     assert train(tmp_path, work).returncode == 0

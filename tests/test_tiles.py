@@ -125,6 +125,7 @@ def tiles_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_tiles_config_trains_and_evaluates_sliced(tiles_run: Path) -> None:
     detector = load_detector(tiles_run / "run" / "model_final.pth", device="cpu")
     image = torch.randint(0, 256, (3, 96, 130), dtype=torch.uint8)

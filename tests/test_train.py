@@ -122,6 +122,7 @@ def test_centernet_trains_through_the_cli(tmp_path):
     assert len(evals) == 1 and (work / "latest.pth").is_file()
 
 
+@pytest.mark.slow
 def test_loss_swap_through_set(tmp_path):
     work = tmp_path / "work"
     assert run_main("train", "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cpu",
@@ -147,6 +148,7 @@ class StopAfterFirstEpoch(Hook):
 
 
 @pytest.mark.parametrize("ema", [None, 0.99])
+@pytest.mark.slow
 def test_exact_resume_after_a_clean_stop_is_bit_identical(tmp_path, ema):
     torch.set_num_threads(1)
     cfg = load_config(FCOS_CFG, tiny_fcos(tmp_path / "data") + [f"train.ema={ema or 'null'}"])
@@ -200,6 +202,7 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["latest.pth"]  # no temp file left behind
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_is_named_and_auto_resume_falls_back(tmp_path):
     work = tmp_path / "work"
     args = ["train", "--config", str(FCOS_CFG), "--work-dir", str(work), "--device", "cpu",
