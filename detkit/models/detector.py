@@ -9,8 +9,9 @@ from torch import Tensor, nn
 
 from detkit.losses.reduce import WeightedLoss
 from detkit.losses.weights import WeightSchedule
+from detkit.models.necks import FPN
 from detkit.models.teacher import FrozenTeacher, check_distill_terms, teacher_spec
-from detkit.registry import BACKBONES, HEADS, NECKS
+from detkit.registry import BACKBONES, HEADS, NECKS, ConfigError, config_path
 
 # torchvision's ImageNet statistics, in 0..255 pixel units.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -44,6 +45,28 @@ def pad_targets(targets: Sequence[Mapping[str, Tensor]], device: torch.device,
             mask.to(device, non_blocking=True))
 
 
+def check_head_levels(backbone: nn.Module, neck: nn.Module, head: nn.Module) -> None:
+    """A dense head's ``strides`` against the neck's output levels, where both are known: one stride per level
+    (else the first forward fails on a shape), and for an FPN the strides its levels have (the backbone maps',
+    then x2 per extra level): other strides would train without an error, on misplaced points."""
+    strides, levels, maps = (getattr(m, a, None) for m, a in ((head, "strides"), (neck, "num_outs"),
+                                                                (backbone, "strides")))
+    if strides is None or levels is None:
+        return
+    key, where = config_path("head.strides"), f"{config_path('neck')}'s {levels} levels"
+    expected: list[int] | None = None
+    if isinstance(neck, FPN) and maps:
+        maps = list(maps)
+        expected = maps + [maps[-1] * 2 ** i for i in range(1, levels - len(maps) + 1)]
+        where += (f" ({len(maps)} backbone maps, {config_path('backbone.out_indices')}, + {levels - len(maps)} "
+                  f"extra, {config_path('neck.extra_levels')})")
+    fix = f"set {key}: {expected}" if expected else "give one stride per level, finest first"
+    if len(strides) != levels:
+        raise ConfigError(f"{key} has {len(strides)} strides {list(strides)} for {where}; {fix}")
+    if expected and list(strides) != expected:
+        raise ConfigError(f"{key} {list(strides)} are not the strides of {where}, {expected}; {fix}")
+
+
 class Detector(nn.Module):
     """Backbone -> neck -> head, with images normalised on the model's device.
 
@@ -67,6 +90,7 @@ class Detector(nn.Module):
         self.backbone = BACKBONES.build(backbone, "backbone")
         self.neck = NECKS.build(neck, "neck", in_channels=self.backbone.out_channels)
         self.head = HEADS.build(head, "head", in_channels=self.neck.out_channels)
+        check_head_levels(self.backbone, self.neck, self.head)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
         self.teacher_spec = teacher_spec(teacher)
