@@ -83,7 +83,8 @@ def load_openvino(path: Path, threads: int | None = None) -> Runner:
 
     def run(images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = request.infer({"images": images.contiguous().numpy(), "image_sizes": image_sizes.numpy()})
-        return tuple(torch.from_numpy(out[name].copy()) for name in ("boxes", "scores", "labels"))  # type: ignore
+        boxes, scores, labels = (torch.from_numpy(out[name].copy()) for name in ("boxes", "scores", "labels"))
+        return boxes, scores, labels
 
     return run
 
@@ -97,7 +98,8 @@ def calibration_inputs(config: dict[str, Any], count: int, size_divisor: int) ->
     if "val" not in (config.get("data") or {}):
         raise ConfigError("--int8 calibrates on data.val, and the checkpoint's config has none")
     dataset = build_dataset(config["data"]["val"], "data.val")
-    items = [collate_detection([dataset[i]], size_divisor) for i in range(min(count, len(dataset)))]
+    available = len(dataset)  # type: ignore[arg-type]  # map-style: torch's Dataset declares no __len__
+    items = [collate_detection([dataset[i]], size_divisor) for i in range(min(count, available))]
     if not items:
         raise ConfigError("--int8: data.val has no images to calibrate on")
     return [(batch["images"], batch["image_sizes"]) for batch in items]

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from detkit.data.shapes import SHAPES, draw_image
+from detkit.models.detector import Detector
+from detkit.models.head import DetectionHead
 
 if TYPE_CHECKING:
     from detkit.api import DetectorModel
@@ -87,8 +89,15 @@ def check_images(seed: int = 0) -> list[np.ndarray]:
     return images
 
 
+def detector_of(model: DetectorModel) -> Detector:
+    """``model``'s network: a detkit :class:`Detector` (``predict`` and ``head.score_thr``), as the exporter needs."""
+    if not isinstance(model.model, Detector):
+        raise ParityError(f"{type(model.model).__name__} is not a detkit Detector: no exported file to compare")
+    return model.model
+
+
 @contextmanager
-def score_threshold(head: nn.Module, value: float) -> Iterator[None]:
+def score_threshold(head: DetectionHead, value: float) -> Iterator[None]:
     """``head.score_thr`` set to ``value`` inside the block (the exporter bakes it into the graph)."""
     previous = head.score_thr
     head.score_thr = value
@@ -117,7 +126,9 @@ def match_image(ref: Detections, got: Detections, score_thr: float, k: int
     pairs, used_r, used_g = [], set(), set()
     for i, j in sorted(ok.nonzero().tolist(), key=lambda ij: (float(score[ij[0], ij[1]]), float(box[ij[0], ij[1]]))):
         if i not in used_r and j not in used_g:
-            used_r.add(i), used_g.add(j), pairs.append((float(box[i, j]), float(score[i, j])))
+            used_r.add(i)
+            used_g.add(j)
+            pairs.append((float(box[i, j]), float(score[i, j])))
     lone_r = [i for i in range(len(rb)) if i not in used_r and not near_cut(float(rs[i]), gs, score_thr, k)]
     lone_g = [j for j in range(len(gb)) if j not in used_g and not near_cut(float(gs[j]), rs, score_thr, k)]
     excused = (len(rb) - len(used_r) - len(lone_r)) + (len(gb) - len(used_g) - len(lone_g))
@@ -142,8 +153,8 @@ def reference(model: DetectorModel, images: Sequence[np.ndarray]) -> tuple[list[
     batch = model.prepare(images)
     sizes = batch["image_sizes"]
     with torch.no_grad():
-        dets = model.model.predict(batch["images"].to(model.device).contiguous(memory_format=torch.channels_last),
-                                   sizes)
+        dets = detector_of(model).predict(
+            batch["images"].to(model.device).contiguous(memory_format=torch.channels_last), sizes)
     h, w = (int(v) for v in sizes.max(0).values)
     return [{k: v.cpu() for k, v in d.items()} for d in dets], batch["images"][..., :h, :w].contiguous(), sizes
 
@@ -151,7 +162,7 @@ def reference(model: DetectorModel, images: Sequence[np.ndarray]) -> tuple[list[
 def compare(model: DetectorModel, run: Runner, images: Sequence[np.ndarray]) -> ParityReport:
     """Each image alone and the last ones as one padded batch through PyTorch and ``run``; a
     :class:`ParityError` naming the size and the first differences when a detection is unexplained."""
-    head = model.model.head
+    head = detector_of(model).head
     report = ParityReport(sizes=[f"{im.shape[0]}x{im.shape[1]}" for im in images], images=len(images),
                           score_thr=float(head.score_thr))
     problems: list[str] = []
@@ -183,7 +194,8 @@ def check_parity(model: DetectorModel, run: Runner, run_lowered: Callable[[], Ru
     report = compare(model, run, images)
     if report.matched + report.near_cut:
         return report
-    head, thr = model.model.head, float(model.model.head.score_thr)
+    head = detector_of(model).head
+    thr = float(head.score_thr)
     if run_lowered is None or thr <= LOWERED_THR:
         raise ParityError(f"the check compared no detection: neither PyTorch nor the file detects anything above "
                           f"score_thr {thr:g} on {len(images)} images")
