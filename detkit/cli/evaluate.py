@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from detkit.cli.common import add_run_arguments, checkpoint_config
 from detkit.registry import ConfigError
@@ -32,7 +33,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.checkpoint}: the checkpoint stores no config; give --config")
     val = (cfg.get("data") or {}).get("val")
     if args.show_dir and val:  # checked before the evaluation runs; without data.val the evaluation says so
-        check_show_dir(args.show_dir, build_dataset({**val, "transforms": []}, "data.val").img_dir)
+        images: Any = build_dataset({**val, "transforms": []}, "data.val")  # COCO-style: img_dir, ids, coco
+        check_show_dir(args.show_dir, images.img_dir)
     work_dir = eval_work_dir(args)
     evaluate_checkpoint(cfg, args.checkpoint, work_dir, device=args.device)
     report_evaluation(cfg, args.checkpoint, work_dir, args.show_dir)
@@ -52,7 +54,7 @@ def report_evaluation(cfg: dict, checkpoint: str, work_dir: Path, show_dir: str 
     settings = EvalSettings.from_config(cfg)
     results = json.loads((work_dir / "results.json").read_text())
     spec = cfg["data"]["val"]
-    dataset = build_dataset(spec, "data.val")
+    dataset: Any = build_dataset(spec, "data.val")  # COCO-style (CocoDataset and kin, TiledDataset): ids, coco
     # the classes the evaluation scored: the checkpoint's matched to the val set's by name, as the evaluation did
     state = load_checkpoint(checkpoint, mmap=True)
     matched = eval_classes(dataset, state.get("classes"), None, "the checkpoint")
