@@ -26,6 +26,10 @@ from detkit.bench.references import (
 from detkit.losses import build_loss
 from detkit.ops.priors import dense_points
 
+#: One loss against its peer: name, peer, our loss spec, its inputs, the leaf whose gradient is dropped, its keyword
+#: arguments, the peer's call.
+LossPeer = tuple[str, str, dict[str, Any], tuple[Tensor, ...], Tensor, dict[str, Any], Callable[[], Tensor]]
+
 
 def fwd_bwd(fn: Callable[[], Tensor], *leaves: Tensor) -> Callable[[], None]:
     """A timed step: ``fn()`` forward and backward, then the leaves' gradients dropped."""
@@ -85,7 +89,7 @@ def bench_losses(device: torch.device, size: int, batch: int, repeat: int, compi
          fwd_bwd(lambda: seed_compute_cls_loss(logits, ((labels + 1) % (num_classes + 1))[..., None], mask), logits),
          focal[1]),
     ]
-    for name, peer, spec, args, leaf, kw, theirs in [
+    peer_cases: list[LossPeer] = [
         ("CrossEntropyLoss", "F.cross_entropy", {"type": "CrossEntropyLoss"}, (flat_logits, ce_labels), flat_logits,
          {}, lambda: F.cross_entropy(flat_logits, ce_labels)),
         ("CrossEntropyLoss(use_sigmoid)", "F.binary_cross_entropy_with_logits",
@@ -102,7 +106,8 @@ def bench_losses(device: torch.device, size: int, batch: int, repeat: int, compi
          pred_boxes, {}, lambda: ops.complete_box_iou_loss(pred_boxes, gt_boxes, reduction="mean")),
         ("GaussianFocalLoss", "CenterNet _neg_loss", {"type": "GaussianFocalLoss"}, (heat_logits, heat_t),
          heat_logits, {"avg_factor": 100.0}, lambda: seed_neg_loss(heat_logits, heat_t)),
-    ]:
+    ]
+    for name, peer, spec, args, leaf, kw, theirs in peer_cases:
         eager, fused = ours(spec, *args, leaf=leaf, **kw)
         cases.append((name, peer, eager, fwd_bwd(theirs, leaf), fused))
     return [time_loss_case(case, device, repeat, compile_losses) for case in cases]
@@ -112,6 +117,8 @@ def bench_assigners(device: torch.device, sizes: Sequence[tuple[int, int]], batc
                     repeat: int) -> list[dict[str, Any]]:
     """Batched FCOS / ATSS / TaskAligned / SimOTA / CenterNet target generation vs per-image / per-object references."""
     rows = []
+    ours: Callable[[], Any]  # each assigner's call and its reference's, whose results differ in type
+    ref: Callable[[], Any]
     for h, w in sizes:
         boxes, labels = random_boxes(batch, gts, h, w, device)
         mask = torch.ones(batch, gts, dtype=torch.bool, device=device)

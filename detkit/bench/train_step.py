@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -12,8 +12,14 @@ from detkit.bench.common import random_boxes, sync, time_pair
 from detkit.engine.precision import autocast
 from detkit.models.fuse import fold_batchnorm
 
+if TYPE_CHECKING:
+    from torchvision.models.detection import FCOS as TorchvisionFCOSModel
 
-def torchvision_fcos(depth: int, width: int, num_classes: int, size: int, num_convs: int = 4) -> nn.Module:
+    from detkit.models import FCOS
+
+
+def torchvision_fcos(depth: int, width: int, num_classes: int, size: int, num_convs: int = 4
+                     ) -> TorchvisionFCOSModel:
     """torchvision's own FCOS module (no detkit wrapper in the timed step), as ``TorchvisionFCOS`` builds it:
     same backbone (trainable BN), FPN width, P6/P7 on P5 and GroupNorm head."""
     from detkit.models import TorchvisionFCOS
@@ -22,14 +28,16 @@ def torchvision_fcos(depth: int, width: int, num_classes: int, size: int, num_co
                            max_size=size).model
 
 
-def detkit_fcos(depth: int, width: int, num_classes: int, num_convs: int = 4, **head: Any) -> nn.Module:
-    from detkit.models import build_detector
+def detkit_fcos(depth: int, width: int, num_classes: int, num_convs: int = 4, **head: Any) -> FCOS:
+    from detkit.models import FCOS, build_detector
 
-    return build_detector({
+    model = build_detector({
         "type": "FCOS", "backbone": {"type": "ResNet", "depth": depth, "norm": "BN"},
         "neck": {"type": "FPN", "out_channels": width, "extra_levels": 2, "extra_on": "p5"},
         "head": {"type": "FCOSHead", "num_classes": num_classes, "feat_channels": width, "num_convs": num_convs,
                  "norm": "GN", **head}})
+    assert isinstance(model, FCOS)  # the spec's type
+    return model
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -76,7 +84,7 @@ def bench_train_step(device: torch.device, depths: Sequence[int], size: int, bat
                 peer = torchvision_fcos(depth, width, num_classes, size, num_convs).to(device)
                 variants["torchvision_fp32"] = (peer, peer, (tv_images, tv_targets), None, False)
             if channels_last:
-                cl = detkit_fcos(depth, width, num_classes, num_convs).to(device, memory_format=torch.channels_last)
+                cl = detkit_fcos(depth, width, num_classes, num_convs).to(device).to(memory_format=torch.channels_last)
                 variants["detkit_cl"] = (cl.loss, cl, (cl_images, targets), amp, False)
             if compiled:
                 full = detkit_fcos(depth, width, num_classes, num_convs).to(device)
@@ -107,7 +115,7 @@ def make_step(loss_fn: Callable[..., dict[str, Tensor]], optimizer: torch.optim.
               device: torch.device, amp: str | None) -> Callable[[], None]:
     def step() -> None:
         with autocast(device, amp):
-            loss = sum(loss_fn(*args).values())
+            loss = cast(Tensor, sum(loss_fn(*args).values()))  # a detector returns at least one term
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -141,7 +149,8 @@ def bench_inference(device: torch.device, depth: int, width: int, num_convs: int
             with torch.no_grad():
                 theirs.head.classification_head.cls_logits.bias.fill_(bias)
                 ours.head.cls_out.bias.fill_(bias)
-        folded = fold_batchnorm(copy.deepcopy(ours)).to(memory_format=torch.channels_last)  # as load_detector
+        folded = copy.deepcopy(ours)  # as load_detector: BatchNorms folded and channels_last, both in place
+        fold_batchnorm(folded).to(memory_format=torch.channels_last)
         nhwc = images.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             fns = {"detkit": lambda: ours.predict(images), "detkit_api": lambda: folded.predict(nhwc),
