@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Mapping, Protocol, Sequence, Union
+from typing import Any, Generic, Iterator, Mapping, Protocol, Sequence, TypeVar, Union
 
 import torch
 from torch import Tensor, nn
@@ -61,9 +61,25 @@ class DenseOutputs(Protocol):
     def __iter__(self) -> Iterator[LevelMaps]: ...
 
 
-def split_levels(outputs: DenseOutputs) -> list[DenseOutputs]:
+#: A dense head's outputs type (``FCOSOutputs``, ``GFLOutputs``): what its methods take and return.
+Outputs = TypeVar("Outputs", bound=DenseOutputs)
+
+
+def split_levels(outputs: Outputs) -> list[Outputs]:
     """A head's outputs with per-level lists -> one outputs of the same type per level (its maps)."""
     return [type(outputs)(*maps) for maps in zip(*outputs)]
+
+
+def per_level(maps: LevelMaps) -> Sequence[Tensor]:
+    """A field of a head's ``forward`` outputs: its per-level maps ``[(B, K, H_l, W_l)]``."""
+    assert not isinstance(maps, Tensor), "one level's map where a head's per-level maps belong"
+    return maps
+
+
+def one_level(maps: LevelMaps) -> Tensor:
+    """A field of one level's outputs (``forward_level``, :func:`split_levels`): its map ``(B, K, H, W)``."""
+    assert isinstance(maps, Tensor), "per-level maps where one level's map belongs"
+    return maps
 
 
 def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
@@ -71,7 +87,7 @@ def flatten_levels(maps: Sequence[Tensor]) -> Tensor:
     return torch.cat([m.permute(0, 2, 3, 1).reshape(m.shape[0], -1, m.shape[1]) for m in maps], dim=1)
 
 
-class DenseHead(DetectionHead):
+class DenseHead(DetectionHead, Generic[Outputs]):
     """Shared cls/reg towers over FPN levels, a learnable ``Scale`` per level, point priors, decoding.
 
     Subclasses add their output convs, call :meth:`init_weights`, and give ``forward_level`` (one
@@ -108,14 +124,15 @@ class DenseHead(DetectionHead):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        assert cls_out.bias is not None  # the subclass's classifier conv has a bias (its prior)
         nn.init.constant_(cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
 
-    def forward_level(self, cls_feat: Tensor, reg_feat: Tensor, scale: Scale) -> DenseOutputs:
+    def forward_level(self, cls_feat: Tensor, reg_feat: Tensor, scale: nn.Module) -> Outputs:
         """One level's outputs (the head's ``NamedTuple`` of maps) from the two towers' features
         ``(B, feat_channels, H, W)``."""
         raise NotImplementedError
 
-    def forward(self, feats: Sequence[Tensor]) -> DenseOutputs:
+    def forward(self, feats: Sequence[Tensor]) -> Outputs:
         """FPN maps -> the head's outputs ``NamedTuple``, each field the list of its per-level maps."""
         if len(feats) != len(self.strides):
             raise ValueError(f"{type(self).__name__} has {len(self.strides)} strides but got {len(feats)} feature maps")
@@ -129,15 +146,15 @@ class DenseHead(DetectionHead):
 
     def priors(self, level_maps: Sequence[Tensor]) -> Priors:
         """The points of the levels of ``level_maps`` (any per-level ``(B, K, H_l, W_l)`` output)."""
-        sizes = [tuple(m.shape[-2:]) for m in level_maps]
+        sizes = [(m.shape[-2], m.shape[-1]) for m in level_maps]
         return dense_points(sizes, self.strides, level_maps[0].device, self.point_offset, self._input_size(sizes))
 
-    def level_scores(self, maps: DenseOutputs) -> Tensor:
+    def level_scores(self, maps: Outputs) -> Tensor:
         """One level's class probabilities ``(B, C, H, W)`` float32 from its outputs ``maps``."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def dense_scores(self, outputs: DenseOutputs) -> Tensor:
+    def dense_scores(self, outputs: Outputs) -> Tensor:
         """Every prior's inference scores ``(B, P, C)`` float32, detached: what the dynamic assigners rank."""
         return flatten_levels([self.level_scores(maps) for maps in split_levels(outputs)])
 
@@ -146,12 +163,12 @@ class DenseHead(DetectionHead):
         if isinstance(self.assigner, DenseAssigner):  # a registered assigner of your own may not derive from it
             self.assigner.set_epoch(epoch)
 
-    def level_distances(self, maps: DenseOutputs, point: Tensor, stride: int) -> Tensor:
+    def level_distances(self, maps: Outputs, point: Tensor, stride: int) -> Tensor:
         """ltrb distances ``(B, K, 4)`` in pixels at flat cells ``point (B, K)`` of one level."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def decode(self, outputs: DenseOutputs) -> tuple[Tensor, Tensor, Tensor]:
+    def decode(self, outputs: Outputs) -> tuple[Tensor, Tensor, Tensor]:
         """Top ``nms_pre`` (point, class) pairs per level -> ``boxes (B, K, 4)``, ``scores (B, K)``,
         ``labels (B, K)``. No data-dependent Python control flow: traceable and exportable."""
         batch = outputs.cls[0].shape[0]
@@ -159,7 +176,7 @@ class DenseHead(DetectionHead):
         all_boxes, all_scores, all_labels = [], [], []
         steps = grid_steps(sizes, self.strides, self._input_size(sizes))
         for maps, stride, (sy, sx) in zip(split_levels(outputs), self.strides, steps):
-            w = maps.cls.shape[-1]
+            w = one_level(maps.cls).shape[-1]
             # fp32 scores even under autocast: bf16 keeps 3 digits, too coarse to rank for COCO AP
             scores = self.level_scores(maps).permute(0, 2, 3, 1).reshape(batch, -1)
             scores, index = scores.topk(topk_min(scores, self.nms_pre, 1), dim=1)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from detkit.assigners.fcos import INF, fcos_targets
 from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
-from detkit.models.dense_head import DenseHead, LevelMaps, flatten_levels
+from detkit.models.dense_head import DenseHead, LevelMaps, flatten_levels, one_level, per_level
 from detkit.models.detector import Detector
 from detkit.ops.boxes import box_around_origin, box_distance_decode
 from detkit.ops.priors import gather_cells
@@ -44,7 +44,7 @@ def default_ranges(strides: Sequence[int]) -> list[tuple[float, float]]:
 
 
 @HEADS.register()
-class FCOSHead(DenseHead):
+class FCOSHead(DenseHead[FCOSOutputs]):
     """FCOS head: shared cls/reg towers over FPN levels, per-level ``Scale``, centerness branch.
 
     Args (besides :class:`DenseHead`'s):
@@ -87,8 +87,8 @@ class FCOSHead(DenseHead):
 
     def loss(self, outputs: FCOSOutputs, gt_boxes: Tensor, gt_labels: Tensor, gt_mask: Tensor) -> dict[str, Tensor]:
         """Weighted loss terms for padded GT ``boxes (B, G, 4)``, ``labels (B, G)``, ``mask (B, G)``."""
-        priors = self.priors(outputs.cls)
-        reg = flatten_levels(outputs.ltrb)  # (B, P, 4)
+        priors = self.priors(per_level(outputs.cls))
+        reg = flatten_levels(per_level(outputs.ltrb))  # (B, P, 4)
         preds = None
         if getattr(self.assigner, "needs_preds", False):  # (B, P, C) scores and decoded boxes cost a step time
             pixels = reg.detach() * priors.strides.view(1, -1, 1) if self.norm_on_bbox else reg.detach()
@@ -98,8 +98,8 @@ class FCOSHead(DenseHead):
         ltrb, ctr_target = fcos_targets(priors.points, assigned)
         if self.norm_on_bbox:
             ltrb = ltrb / priors.strides.view(1, -1, 1)
-        cls = flatten_levels(outputs.cls)  # (B, P, C)
-        ctr = flatten_levels(outputs.centerness).squeeze(-1)  # (B, P)
+        cls = flatten_levels(per_level(outputs.cls))  # (B, P, C)
+        ctr = flatten_levels(per_level(outputs.centerness)).squeeze(-1)  # (B, P)
         num_pos = reduce_mean(positive.sum().float()).clamp(min=1.0)
         ctr_denom = reduce_mean(ctr_target.sum()).clamp(min=1e-6)
         # Box and centerness terms run over every point with zero weight on negatives: no
@@ -112,10 +112,10 @@ class FCOSHead(DenseHead):
         }
 
     def level_scores(self, maps: FCOSOutputs) -> Tensor:
-        return (maps.cls.float().sigmoid() * maps.centerness.float().sigmoid()).sqrt()
+        return (one_level(maps.cls).float().sigmoid() * one_level(maps.centerness).float().sigmoid()).sqrt()
 
     def level_distances(self, maps: FCOSOutputs, point: Tensor, stride: int) -> Tensor:
-        ltrb = gather_cells(maps.ltrb, point)
+        ltrb = gather_cells(one_level(maps.ltrb), point)
         return ltrb * stride if self.norm_on_bbox else ltrb
 
 

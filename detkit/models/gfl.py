@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from detkit.distributed import reduce_mean
 from detkit.losses.terms import LossTerms
-from detkit.models.dense_head import DenseHead, LevelMaps, flatten_levels
+from detkit.models.dense_head import DenseHead, LevelMaps, flatten_levels, one_level, per_level
 from detkit.models.detector import Detector
 from detkit.ops.boxes import box_distance_decode, box_distance_encode, box_iou_aligned
 from detkit.ops.priors import gather_cells
@@ -53,7 +53,7 @@ def integral(distribution: Tensor, reg_max: int) -> Tensor:
 
 
 @HEADS.register()
-class GFLHead(DenseHead):
+class GFLHead(DenseHead[GFLOutputs]):
     """GFL head: the towers of :class:`DenseHead`, a quality-aware classifier and a distribution per box side.
 
     Args (besides :class:`DenseHead`'s):
@@ -98,9 +98,9 @@ class GFLHead(DenseHead):
              teacher: GFLOutputs | None = None) -> dict[str, Tensor]:
         """Weighted loss terms for padded GT ``boxes (B, G, 4)``, ``labels (B, G)``, ``mask (B, G)``;
         ``teacher``: the teacher's outputs on the same batch, for the distillation terms."""
-        priors = self.priors(outputs.cls)
-        cls = flatten_levels(outputs.cls)  # (B, P, C)
-        dist = flatten_levels(outputs.distribution)  # (B, P, 4 (n + 1))
+        priors = self.priors(per_level(outputs.cls))
+        cls = flatten_levels(per_level(outputs.cls))  # (B, P, C)
+        dist = flatten_levels(per_level(outputs.distribution))  # (B, P, 4 (n + 1))
         stride = priors.strides.view(-1, 1)
         points = priors.points / stride  # (P, 2), stride units: every level's boxes on one scale
         pred_boxes = box_distance_decode(points, integral(dist, self.reg_max))  # (B, P, 4)
@@ -147,18 +147,19 @@ class GFLHead(DenseHead):
         terms: dict[str, Tensor] = {}
         if "ld" in self.distill_terms:
             sides = (batch, num_points * 4, self.reg_max + 1)
-            terms.update(self.losses("ld", dist.reshape(sides), flatten_levels(teacher.distribution).reshape(sides),
-                                     weight=weight.repeat_interleave(4, dim=1), avg_factor=4.0))
+            target = flatten_levels(per_level(teacher.distribution)).reshape(sides)
+            terms.update(self.losses("ld", dist.reshape(sides), target, weight=weight.repeat_interleave(4, dim=1),
+                                     avg_factor=4.0))
         if "kd" in self.distill_terms:
-            terms.update(self.losses("kd", cls, flatten_levels(teacher.cls), weight=positive.float(),
+            terms.update(self.losses("kd", cls, flatten_levels(per_level(teacher.cls)), weight=positive.float(),
                                      avg_factor=num_pos))
         return terms
 
     def level_scores(self, maps: GFLOutputs) -> Tensor:
-        return maps.cls.float().sigmoid()
+        return one_level(maps.cls).float().sigmoid()
 
     def level_distances(self, maps: GFLOutputs, point: Tensor, stride: int) -> Tensor:
-        return integral(gather_cells(maps.distribution, point), self.reg_max) * stride
+        return integral(gather_cells(one_level(maps.distribution), point), self.reg_max) * stride
 
 
 @DETECTORS.register()
