@@ -1,5 +1,5 @@
 """`python tools/analyze.py ...` = `python -m detkit analyze ...`:
-training curves of runs (curves), dataset statistics (dataset) (`--help`)."""
+training curves of runs (curves), dataset statistics (dataset), TIDE errors of results files (tide) (`--help`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Looking at runs, data and components: ``analyze curves``, ``analyze dataset``, ``browse`` and ``list``."""
+"""Looking at runs, data and components: ``analyze curves``, ``analyze dataset``, ``analyze tide``, ``browse``
+and ``list``."""
 
 from __future__ import annotations
 
@@ -63,6 +64,30 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tide(args: argparse.Namespace) -> int:
+    from detkit.analysis import tide_plot as tp  # lazy (here and below): torch, kept out of --help
+    from detkit.analysis.tide_files import result_names, tide_of_files
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the TIDE tables and charts")
+    names = result_names(args.results)
+    inputs = {Path(p).resolve() for p in [args.gt, *args.results]}
+    clash = [p for p in tp.tide_paths(out, names if len(names) > 1 else ()) if p.resolve() in inputs]
+    if clash:
+        raise ConfigError(f"--out {out} would overwrite the input {clash[0]}; give another folder")
+    reports = tide_of_files(args.gt, args.results, args.fg_iou, args.bg_iou)  # every input checked first
+    if len(reports) == 1:
+        (report,) = reports.values()
+        files = tp.write_tide(report, out)
+        print("\n".join(tp.tide_size_table(report)))
+    else:
+        files = tp.write_tide_compare(reports, dict(zip(names, args.results)), out)
+        print("\n".join(tp.tide_compare_tables(reports)))
+    print(f"wrote {len(files)} files to {out} (dAP: AP50 points gained by fixing each error type alone)")
+    return 0
+
+
 def cmd_browse(args: argparse.Namespace) -> int:
     from detkit.data import build_dataset  # lazy (here and below): torch, kept out of --help
     from detkit.visualize import draw_detections, save_grid
@@ -109,8 +134,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="training curves of runs, dataset statistics (also: tools/analyze.py; "
-                                       "docs/diagnostics.md)", description="Training curves and dataset statistics.")
+    p = sub.add_parser("analyze", help="training curves of runs, dataset statistics, TIDE errors of results files "
+                                       "(also: tools/analyze.py; docs/diagnostics.md)",
+                       description="Training curves, dataset statistics and TIDE error types of results files.")
     analyze = p.add_subparsers(dest="analysis", required=True)
     p_curves = analyze.add_parser("curves", help="loss terms, total, lr, AP/AP50 of one or more runs, overlaid")
     p_curves.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="training work dirs (with metrics.jsonl)")
@@ -128,6 +154,27 @@ def add_analyze_parser(sub: argparse._SubParsersAction) -> None:
     p_data.add_argument("--limit", type=int, default=None, help="read only the first N images")
     add_set_argument(p_data)
     p_data.set_defaults(func=cmd_dataset)
+    add_tide_parser(analyze)
+
+
+def add_tide_parser(analyze: argparse._SubParsersAction) -> None:
+    p = analyze.add_parser(
+        "tide", help="where the AP goes (TIDE error types) of COCO results files against a COCO ground truth; "
+                     "several --results side by side",
+        description="TIDE (Bolya et al., ECCV 2020) of detections you already have: the AP50 gained by fixing each "
+                    "error type alone (Cls, Loc, Both, Dupl, Bkg, Miss), per class and size, as eval writes it "
+                    "(docs/diagnostics.md). A results file is a COCO results json: a list of {image_id, "
+                    "category_id, bbox [x, y, w, h], score}; detkit eval writes one to "
+                    "<checkpoint folder>/eval_<checkpoint name>/results.json, training to "
+                    "<work dir>/results/bbox_epoch_N.json.")
+    p.add_argument("--gt", required=True, help="COCO annotation json the detections were made on")
+    p.add_argument("--results", required=True, nargs="+", action="extend", metavar="RESULTS_JSON",
+                   help="one or more COCO results json files (several: compared side by side)")
+    p.add_argument("--out", default="tide", help="folder for tide.md/.json/.png (several results: "
+                                                 "tide_compare.md/.json/.png and a folder per results file)")
+    p.add_argument("--fg-iou", type=float, default=0.5, help="t_f: IoU of a match (default 0.5)")
+    p.add_argument("--bg-iou", type=float, default=0.1, help="t_b: IoU below which a box is background (0.1)")
+    p.set_defaults(func=cmd_tide)
 
 
 def add_browse_parser(sub: argparse._SubParsersAction) -> None:
