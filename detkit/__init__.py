@@ -9,8 +9,9 @@ __version__ = "0.1.0"
 __all__ = ["load_detector", "DetectorModel", "__version__"]
 
 
-def __getattr__(name: str) -> Any:  # imported on first use: ``import detkit`` stays light
+def __getattr__(name: str) -> Any:
     if name in ("load_detector", "DetectorModel"):
+        # lazy: detkit.api imports torch; ``import detkit`` and ``detkit --help`` stay light
         from detkit import api
 
         return getattr(api, name)

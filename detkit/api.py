@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import tv_tensors
 
+import detkit.build  # noqa: F401  (fills every registry: a checkpoint's model, transforms and hooks are built by name)
 from detkit.data.coco import decode_rgb
 from detkit.data.collate import collate_detection
 from detkit.data.transforms import build_transforms, refuse_mixing
@@ -21,6 +22,7 @@ from detkit.engine.checkpoint import (
     load_model_weights,
 )
 from detkit.engine.evaluator import to_original_coords
+from detkit.models import build_detector
 from detkit.models.fuse import fold_batchnorm
 from detkit.ops.tiles import TileSettings, sliced_predict
 from detkit.registry import ConfigError, UnknownTypeError
@@ -159,9 +161,6 @@ class DetectorModel:
 def build_model_from_config(config: Mapping[str, Any], where: str) -> nn.Module:
     """``build_detector(config['model'])``; a type from a module the config imports is named, not imported:
     a checkpoint must not run code, so such modules are imported by the user (``import x``) first."""
-    import detkit.build  # noqa: F401  (fills every registry)
-    from detkit.models import build_detector
-
     try:
         return build_detector(config["model"])
     except UnknownTypeError as err:

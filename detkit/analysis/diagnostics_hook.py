@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from detkit.analysis.tide import tide_errors
 from detkit.engine.evaluator import EvalClasses, EvalSettings
 from detkit.engine.hooks.base import EvalRecord, Hook
 from detkit.registry import HOOKS
+from detkit.visualize import draw_detections
 
 if TYPE_CHECKING:
     from detkit.engine.trainer import Trainer
@@ -60,8 +62,6 @@ class DiagnosticsHook(Hook):
             self.diagnostics(trainer, record)
 
     def pictures(self, trainer: "Trainer", record: EvalRecord) -> None:
-        from detkit.visualize import draw_detections  # why: PIL drawing stays out of start-up (detkit.build)
-
         classes = getattr(trainer.loader.dataset, "classes", None) or []  # the model's labels are data.train's
         for k, (image, det) in enumerate(record.evaluation.pictures):
             keep = det["scores"] >= self.settings.score_thr
@@ -70,9 +70,8 @@ class DiagnosticsHook(Hook):
 
     def diagnostics(self, trainer: "Trainer", record: EvalRecord) -> None:
         """``eval_epoch_N/`` from the evaluation, and ``results.png`` when the run writes ``metrics.jsonl``."""
-        # why: matplotlib stays out of start-up (detkit.build imports this module)
+        # lazy: matplotlib stays out of start-up (detkit.build imports this module)
         from detkit.analysis.report import write_eval_report
-        from detkit.analysis.tide import tide_errors
         from detkit.analysis.tide_plot import write_tide
         from detkit.analysis.training_curves import write_results_png
 

@@ -12,14 +12,22 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import platform
 import statistics
+import tempfile
 import time
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from pycocotools.coco import COCO
 
+from detkit.analysis.report import write_eval_report
+from detkit.analysis.training_curves import write_results_png
+from detkit.config import load_config
+from detkit.data import build_dataset
 from detkit.engine.evaluator import BACKENDS, run_cocoeval
 
 
@@ -80,15 +88,6 @@ def benchmark(num_images: int = 5000, num_classes: int = 80, dets: int = 50, rep
 
 def report_cost(run_dir: str, epoch: int, repeats: int = 5) -> dict[str, list[float]]:
     """Seconds of each per-evaluation step on a finished run's val split, alternated ``repeats`` times."""
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from detkit.analysis.report import write_eval_report
-    from detkit.analysis.training_curves import write_results_png
-    from detkit.config import load_config
-    from detkit.data import build_dataset
-
     cfg = load_config(Path(run_dir) / "config.yaml")
     dataset: Any = build_dataset(cfg["data"]["val"], "data.val")  # a COCO-indexed detkit dataset
     results = json.loads((Path(run_dir) / "results" / f"bbox_epoch_{epoch}.json").read_text())
@@ -109,8 +108,6 @@ def report_cost(run_dir: str, epoch: int, repeats: int = 5) -> dict[str, list[fl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from importlib.metadata import version
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--classes", type=int, default=80)

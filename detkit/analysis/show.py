@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+from torchvision.io import write_png
 
 from detkit.engine.run_log import progress
 from detkit.files import is_inside
@@ -58,8 +59,6 @@ def check_show_dir(show_dir: str | Path, image_dir: str | Path) -> None:
 def write_show_dir(dataset: Any, results: Sequence[dict[str, Any]], show_dir: str | Path, score_thr: float) -> int:
     """Draw every item of ``dataset`` (built without transforms: original pixels, as ``results`` are)
     into ``show_dir/<file_name>.png``; returns the number of files written."""
-    from torchvision.io import write_png
-
     label_of = {c: i for i, c in enumerate(dataset.cat_ids)}
     by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in results:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from detkit.bench.common import sync
 from detkit.config import load_config
 from detkit.engine.hooks import Hook
+from detkit.engine.runner import build_trainer
 
 
 class EpochTimer(Hook):
@@ -36,8 +37,6 @@ class EpochTimer(Hook):
 
 def epoch_seconds(config: str | Path, overrides: Sequence[str], device: str, epochs: int) -> list[float]:
     """Per-epoch seconds of ``epochs`` epochs of ``config`` (no evaluation, no writers) in a scratch work dir."""
-    from detkit.engine.runner import build_trainer
-
     cfg = load_config(config, [*overrides, f"train.epochs={epochs}", "train.writers=[]",
                                f"train.log_interval={10 ** 9}"])
     cfg["data"].pop("val", None)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from detkit.assigners.centernet import gaussian_radius
 from detkit.ops import Priors, box_distance_encode
 
 
@@ -61,8 +62,6 @@ def per_image_fcos_assign(points: Tensor, strides: Tensor, levels: Tensor, boxes
 def per_object_heatmap(boxes: Tensor, labels: Tensor, num_classes: int, size: tuple[int, int],
                        stride: int = 4) -> Tensor:
     """mmdetection-style reference: one gaussian drawn per object in a Python loop."""
-    from detkit.assigners.centernet import gaussian_radius
-
     height, width = size
     heat = torch.zeros(boxes.shape[0], num_classes, height, width, device=boxes.device)
     for b in range(boxes.shape[0]):

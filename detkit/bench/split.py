@@ -18,9 +18,12 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+import detkit.models.detector as detector
 from detkit.bench.common import sync
 from detkit.config import load_config
+from detkit.data import build_dataloader
 from detkit.engine.precision import autocast
+from detkit.engine.runner import build_trainer
 
 #: Parts outside the network proper (what the issue's "overhead" is).
 OVERHEAD_PARTS = ("data wait", "normalise", "targets (pad)", "assigner", "losses", "hooks (LR, logging)",
@@ -87,8 +90,6 @@ class PartTimer:
 
 def instrument(timer: PartTimer, trainer: Any, compiled: bool) -> None:
     """Wrap the trainer's phases and, unless compiled (a wrapper would break the graph), the model's parts."""
-    import detkit.models.detector as detector
-
     timer.wrap(trainer, "run_step", "step glue")
     timer.wrap(trainer, "forward", "forward (compiled)" if compiled else "forward glue")
     timer.wrap(trainer, "backward", "backward")
@@ -181,9 +182,6 @@ def inference_rate(model: torch.nn.Module, loader: Any, device: torch.device, am
 def bench_config(config: str | Path, overrides: Sequence[str], device: str, steps: int = 10, warmup: int = 3,
                  infer_batches: int = 5) -> dict[str, Any]:
     """Train-step and inference throughput, peak memory and the step's time split for ``config``."""
-    from detkit.data import build_dataloader
-    from detkit.engine.runner import build_trainer
-
     cfg = load_config(config, list(overrides))
     data = cfg["data"]
     with tempfile.TemporaryDirectory() as work:

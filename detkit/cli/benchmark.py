@@ -49,9 +49,10 @@ def loading_datasets(args: argparse.Namespace) -> dict[str, dict]:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     """Every section ``args`` asks for (the ``benchmark`` command's arguments), each table printed as it is done."""
-    import torch  # lazy (and the sections below): torch, kept out of --help
+    # lazy: torch and the trainer, kept out of `detkit --help`
+    import torch
 
-    from detkit.bench import common, peers, split, train_step
+    from detkit.bench import common, epochs, peers, split, train_step
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
@@ -86,12 +87,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         show("loading", "data loading (batch 16)",
              peers.bench_loading(loading_datasets(args), 16, [0, 2], 4 if args.quick else 15))
     if "epochs" in args.sections:
-        from detkit.bench.epochs import bench_epochs  # the trainer: only for this section
-
         data = [f"data.{s}.data_root={args.bccd}" for s in ("train", "val")]
         configs = {Path(c).stem: c for c in args.epoch_configs}
         show("epochs", f"training epochs through the trainer ({' '.join(args.epoch_set) or 'as configured'})",
-             bench_epochs(configs, [*data, *args.epoch_set], str(device), args.epochs, args.rounds))
+             epochs.bench_epochs(configs, [*data, *args.epoch_set], str(device), args.epochs, args.rounds))
     if "export" in args.sections:
         from detkit.deploy.latency import bench_export  # onnx and onnxruntime: only for this section
 

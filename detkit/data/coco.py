@@ -16,6 +16,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from detkit.data.annotations import DatasetError, index_coco, select_classes, subset_ids
+from detkit.data.transforms import build_transforms
 from detkit.registry import DATASETS, positive_int
 
 logger = logging.getLogger("detkit.data")
@@ -95,8 +96,6 @@ class CocoDataset(Dataset):
                skip_bad_images: bool, max_images: int | None) -> None:
         """Everything but reading the annotations: shared with the datasets that convert to COCO
         (``self.ann_file`` names the annotation source in error messages)."""
-        from detkit.data.transforms import build_transforms
-
         if max_images is not None:
             positive_int(max_images, "max_images")
         self.coco, self.img_dir = coco, img_dir

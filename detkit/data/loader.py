@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from functools import partial
 from typing import Any, Mapping
 
@@ -9,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import detkit.data.repeat_factor  # noqa: F401  (registers RepeatFactorSampler)
+import detkit.data.shapes  # noqa: F401  (registers ShapesDataset and CocoDataset)
 from detkit.data.collate import collate_detection
 from detkit.data.sampler import EpochSampler, SeededDataset
 from detkit.data.transforms import DetectionPipeline, refuse_mixing
@@ -56,8 +58,6 @@ def data_settings(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def ignore_interrupts(worker_id: int) -> None:
     """DataLoader workers leave Ctrl-C / SIGTERM to the main process, which finishes the step and saves
     (a terminal's Ctrl-C reaches the whole process group; a worker killed by it would end the run)."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -65,8 +65,6 @@ def ignore_interrupts(worker_id: int) -> None:
 def build_dataset(spec: Mapping[str, Any], key: str | None = None) -> Dataset:
     """A dataset from ``{type: CocoDataset | VOCDataset | YOLODataset | ShapesDataset, ...}``, its mixing
     transforms (Mosaic, MixUp) bound to it."""
-    import detkit.data.shapes  # noqa: F401  (registers the datasets)
-
     dataset = DATASETS.build(spec, key)
     if isinstance(getattr(dataset, "transforms", None), DetectionPipeline):
         with build_path(key):

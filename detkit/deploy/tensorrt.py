@@ -39,7 +39,7 @@ def tensorrt_unavailable() -> str:
         has.append("a tensorrt package")
     else:
         try:
-            import tensorrt as trt
+            import tensorrt as trt  # optional dependency (pip install "detkit[tensorrt]")
         except (ImportError, OSError) as err:
             has.append(f"a tensorrt package that does not import ({err})")
         else:
@@ -53,7 +53,7 @@ def tensorrt_unavailable() -> str:
 def error_log() -> Any:
     """A ``tensorrt.ILogger`` that keeps TensorRT's errors (``.errors``) for the one-line message and drops the rest
     (the parity check, not TensorRT's warnings, says whether the engine is right)."""
-    import tensorrt as trt
+    import tensorrt as trt  # optional dependency (pip install "detkit[tensorrt]")
 
     class ErrorLog(trt.ILogger):
         def __init__(self) -> None:
@@ -70,7 +70,7 @@ def error_log() -> Any:
 def keep_float_layers_fp32(network: Any) -> None:
     """Constrain every layer that reads or writes floats to fp32, except convolutions, activations and pooling (and
     constants: the weights are what they are): the fp16 part is the network's arithmetic, not its box geometry."""
-    import tensorrt as trt
+    import tensorrt as trt  # optional dependency (pip install "detkit[tensorrt]")
 
     fp16_ok = {trt.LayerType.CONVOLUTION, trt.LayerType.DECONVOLUTION, trt.LayerType.ACTIVATION,
                trt.LayerType.POOLING, trt.LayerType.CONSTANT}
@@ -91,7 +91,7 @@ def keep_float_layers_fp32(network: Any) -> None:
 def onnx_to_tensorrt(onnx_path: Path, path: Path) -> Path:
     """Parse ``onnx_path`` with TensorRT's ONNX parser, build an fp16 engine (:func:`keep_float_layers_fp32`) with
     one optimization profile for both inputs, and write it to ``path`` (the export's temporary file)."""
-    import tensorrt as trt
+    import tensorrt as trt  # optional dependency (pip install "detkit[tensorrt]")
 
     log = error_log()
     builder = trt.Builder(log)
@@ -122,7 +122,7 @@ class TensorRTRunner:
     the current stream, in chunks of at most :data:`MAX_BATCH` images; outputs on the inputs' device."""
 
     def __init__(self, path: Path) -> None:
-        import tensorrt as trt
+        import tensorrt as trt  # optional dependency (pip install "detkit[tensorrt]")
 
         self.log = error_log()  # held: TensorRT keeps using the logger, the runtime and the engine
         self.runtime = trt.Runtime(self.log)

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from detkit.losses.weights import WeightSchedule, build_loss_weight
+
 REDUCTIONS = ("none", "mean", "sum")
 # Added to avg_factor so that an avg_factor of 0 (no positives) gives 0, not NaN.
 AVG_EPS = torch.finfo(torch.float32).eps
@@ -76,8 +78,6 @@ class WeightedLoss(nn.Module):
 
     def __init__(self, reduction: str = "mean", loss_weight: Any = 1.0) -> None:
         super().__init__()
-        from detkit.losses.weights import WeightSchedule, build_loss_weight
-
         self.reduction = _check_reduction(reduction, type(self).__name__)
         weight = build_loss_weight(loss_weight)
         self.weight_schedule = weight if isinstance(weight, WeightSchedule) else None

@@ -7,6 +7,7 @@ from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
+from torchvision.models.detection.fcos import _COCO_CATEGORIES
 
 #: torchvision ``fcos_resnet50_fpn`` key -> detkit FCOS key (tower index N is Conv/GN/ReLU on both sides).
 TORCHVISION_FCOS_KEYS = [
@@ -25,8 +26,6 @@ TORCHVISION_FCOS_KEYS = [
 def coco80_rows() -> list[int]:
     """The rows of torchvision's 91 COCO outputs (index = COCO category id) that are the 80 real classes,
     in detkit's contiguous label order (sorted category ids)."""
-    from torchvision.models.detection.fcos import _COCO_CATEGORIES
-
     return [i for i, name in enumerate(_COCO_CATEGORIES) if name not in ("__background__", "N/A")]
 
 

@@ -13,6 +13,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.detection import FCOS as TVFCOS
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.fcos import FCOSHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from detkit.models.backbones import norm_layer
@@ -49,8 +50,6 @@ class TorchvisionFCOS(nn.Module):
         self.model = TVFCOS(backbone, num_classes, min_size=min_size, max_size=max_size, score_thresh=score_thr,
                             nms_thresh=nms_iou, detections_per_img=max_per_img, _skip_resize=True)
         if num_convs != 4:
-            from torchvision.models.detection.fcos import FCOSHead
-
             self.model.head = FCOSHead(fpn_channels, 1, num_classes, num_convs=num_convs)
         self.num_classes = num_classes
 
