@@ -7,6 +7,7 @@ its ONNX / TorchScript writing are :mod:`detkit.export_graph`'s (its public name
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 from torch import Tensor, nn
 
+import detkit.api
 from detkit.deploy.openvino import WEIGHTS_SUFFIX, calibration_inputs, load_openvino, onnx_to_openvino
 from detkit.deploy.parity import ParityError, ParityReport, Runner, check_parity
 from detkit.deploy.tensorrt import load_tensorrt, onnx_to_tensorrt, tensorrt_unavailable
@@ -100,8 +102,6 @@ def run_exported(path: Path, fmt: str, images: Tensor, image_sizes: Tensor | Non
 
 def require(module: str, extra: str = "export") -> None:
     """Import ``module`` or raise a :class:`ConfigError` saying which extra to install."""
-    import importlib
-
     try:
         importlib.import_module(module)
     except ImportError:
@@ -147,8 +147,6 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo:
     The file is written to a temporary file beside ``out`` and moved over it only once the check passed; an
     exporter error or a failed check is an :class:`ExportError` and leaves an existing ``out`` as it was.
     """
-    from detkit.api import load_detector
-
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = check_export_target(checkpoint, fmt, out)
@@ -156,7 +154,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path, dynamo:
         raise ConfigError(reason)
     if int8 is not None and fmt != "openvino":
         raise ConfigError(f"--int8 quantizes OpenVINO models: use it with --format openvino, not {fmt}")
-    model = load_detector(checkpoint, device="cpu")
+    model = detkit.api.load_detector(checkpoint, device="cpu")
     calibration = () if int8 is None else tuple(calibration_inputs(model.config, int8, model.size_divisor))
     options = ExportOptions(size_divisor=model.size_divisor, dynamo=dynamo, calibration=calibration)
     for module in FORMATS[fmt].packages(options):

@@ -23,6 +23,7 @@ from detkit.bench.references import (
     seed_compute_cls_loss,
     seed_neg_loss,
 )
+from detkit.data import build_dataloader
 from detkit.losses import build_loss
 from detkit.ops.priors import dense_points
 
@@ -179,7 +180,6 @@ def bench_dynamic_assigners(device: torch.device, priors: Any, boxes: Tensor, la
 
 def bench_loading(datasets: dict[str, dict], batch: int, workers: Sequence[int], batches: int) -> list[dict[str, Any]]:
     """Images/s of the train loader (decode + transforms + collate) with 0 and N workers."""
-    from detkit.data import build_dataloader
 
     rows = []
     for name, spec in datasets.items():

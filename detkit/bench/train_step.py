@@ -9,28 +9,25 @@ import torch
 from torch import Tensor, nn
 
 from detkit.bench.common import random_boxes, sync, time_pair
+from detkit.engine.compiled_step import CompiledLoss
 from detkit.engine.precision import autocast
+from detkit.models import FCOS, TorchvisionFCOS, build_detector
+from detkit.models.convert import convert_torchvision_fcos
 from detkit.models.fuse import fold_batchnorm
 
 if TYPE_CHECKING:
     from torchvision.models.detection import FCOS as TorchvisionFCOSModel
-
-    from detkit.models import FCOS
 
 
 def torchvision_fcos(depth: int, width: int, num_classes: int, size: int, num_convs: int = 4
                      ) -> TorchvisionFCOSModel:
     """torchvision's own FCOS module (no detkit wrapper in the timed step), as ``TorchvisionFCOS`` builds it:
     same backbone (trainable BN), FPN width, P6/P7 on P5 and GroupNorm head."""
-    from detkit.models import TorchvisionFCOS
-
     return TorchvisionFCOS(num_classes, depth=depth, fpn_channels=width, num_convs=num_convs, min_size=size,
                            max_size=size).model
 
 
 def detkit_fcos(depth: int, width: int, num_classes: int, num_convs: int = 4, **head: Any) -> FCOS:
-    from detkit.models import FCOS, build_detector
-
     model = build_detector({
         "type": "FCOS", "backbone": {"type": "ResNet", "depth": depth, "norm": "BN"},
         "neck": {"type": "FPN", "out_channels": width, "extra_levels": 2, "extra_on": "p5"},
@@ -61,8 +58,6 @@ def bench_train_step(device: torch.device, depths: Sequence[int], size: int, bat
     detkit variants: ``compiled`` (``train.compile: full``: static shapes, CUDA graphs on the GPU, fused
     SGD) and ``channels_last`` (model and batch in channels_last memory format).
     """
-    from detkit.engine.compiled_step import CompiledLoss
-
     rows = []
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
@@ -133,8 +128,6 @@ def bench_inference(device: torch.device, depth: int, width: int, num_convs: int
     about 0.07, above the 0.05 threshold, so NMS sees ``nms_pre`` boxes per level) and ``sparse``
     (classifier bias -10: nothing passes the threshold; the network and decoding alone).
     """
-    from detkit.models.convert import convert_torchvision_fcos
-
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)

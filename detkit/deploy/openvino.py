@@ -59,7 +59,7 @@ def onnx_to_openvino(onnx_path: Path, path: Path, calibration: Sequence[tuple[Te
     model = openvino.convert_model(str(onnx_path))
     if calibration:
         with quiet_nncf():
-            import nncf
+            import nncf  # optional dependency (pip install "detkit[openvino]"), only for --int8
 
             dataset = nncf.Dataset(list(calibration), lambda item: {"images": item[0].numpy(),
                                                                       "image_sizes": item[1].numpy()})
