@@ -83,8 +83,9 @@ def fake_run(folder: Path, coco: COCO, results: list[dict]) -> Path:
     return folder
 
 
-def literal_ap(gt: dict, results: list[dict], counts: np.ndarray) -> float:
-    """COCOeval's AP on the dataset in which image i (in id order) appears ``counts[i]`` times."""
+def literal_ap(gt: dict, results: list[dict], counts: np.ndarray, stat: int = 0, cat_id: int | None = None) -> float:
+    """COCOeval's ``stats[stat]`` (0: AP, 3: APs) on the dataset in which image i (in id order) appears
+    ``counts[i]`` times, over every category or only ``cat_id``."""
     images, anns, res = [], [], []
     for image, count in zip(sorted(gt["images"], key=lambda im: im["id"]), counts):
         for _ in range(count):
@@ -96,10 +97,12 @@ def literal_ap(gt: dict, results: list[dict], counts: np.ndarray) -> float:
     coco = coco_of({**gt, "images": images, "annotations": anns})
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval(coco, coco.loadRes(res), "bbox")
+        if cat_id is not None:
+            ev.params.catIds = [cat_id]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return float(ev.stats[0])
+    return float(ev.stats[stat])
 
 
 @pytest.mark.parametrize("images, classes, dets", [(30, 4, 40), (6, 1, 150)])  # 150: over COCO's 100 per image
@@ -112,6 +115,24 @@ def test_identity_resample_is_cocoeval_ap(images: int, classes: int, dets: int) 
     got = resampled_ap(match_records(coco, results, ids), np.ones((1, len(ids)), dtype=np.int64))[0]
     assert abs(got - expected) < 1e-6
     assert resampled_ap(match_records(coco, [], ids), np.ones((1, len(ids)), dtype=np.int64))[0] == 0.0
+    ones = np.ones((1, len(ids)), dtype=np.int64)
+    stats = run_cocoeval(coco, results, ids).stats
+    for area, stat in (("small", 3), ("medium", 4), ("large", 5)):  # COCOeval's APs, APm, APl (-1: no such box)
+        got = resampled_ap(match_records(coco, results, ids, area), ones)[0]
+        assert (np.isnan(got) and stats[stat] == -1) or abs(got - stats[stat]) < 1e-6
+    for k, cat_id in enumerate(coco.getCatIds()):  # one class: COCOeval restricted to it
+        assert abs(resampled_ap(match_records(coco, results, ids), ones, [k])[0] - cat_ap(coco, results, ids, cat_id)) < 1e-6
+
+
+def cat_ap(coco: COCO, results: list[dict], ids: list[int], cat_id: int) -> float:
+    """COCOeval's AP over one category."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(coco, coco.loadRes(results), "bbox")
+        ev.params.imgIds, ev.params.catIds = ids, [cat_id]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[0])
 
 
 def test_report_intervals_match_an_independent_bootstrap(tmp_path: Path) -> None:
@@ -143,7 +164,19 @@ def test_report_intervals_match_an_independent_bootstrap(tmp_path: Path) -> None
     assert [p.name for p in paths] == ["report.json", "report.md", "report.png"]
     assert json.loads(paths[0].read_text())["comparisons"]["good_boxes"]["verdict"] == "better"
     rows = [line for line in paths[1].read_text().splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(rows) == 4 and "(baseline)" in rows[1] and "| better |" in rows[2]
+    assert len(rows) == 8 and "(baseline)" in rows[1] and "| better |" in rows[2]
+    assert rows[4].startswith("| config | APs (") and rows[5].startswith("| worse_boxes | ")
+
+    # the same interval for small boxes and for one class, against the literal bootstrap
+    cat_id, name = coco.getCatIds()[0], coco.loadCats(coco.getCatIds()[0])[0]["name"]
+    for key, stat, only in (("APs", 3, None), (name, 0, cat_id)):
+        mean = {label: np.mean([[literal_ap(gt, runs[label, s], c, stat, only) for c in counts] for s in range(2)],
+                               axis=0) for label in ("worse_boxes", "good_boxes")}
+        diffs = mean["good_boxes"] - mean["worse_boxes"]
+        got = report["comparisons"]["good_boxes"]["breakdown"][key]
+        assert got["diff"] == pytest.approx(diffs[0], abs=1e-9)
+        assert [got["low"], got["high"]] == pytest.approx(np.nanpercentile(diffs[1:], [2.5, 97.5]), abs=1e-9)
+        assert report["configs"]["good_boxes"]["breakdown"][key] == pytest.approx(mean["good_boxes"][0], abs=1e-9)
 
 
 def test_unpaired_seeds_are_refused(tmp_path: Path) -> None:

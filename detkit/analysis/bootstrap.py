@@ -49,9 +49,20 @@ class MatchRecords:
     rec_thrs: np.ndarray
 
 
-def match_records(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int]) -> MatchRecords:
+#: COCOeval's area ranges, in the order of ``params.areaRngLbl``.
+AREAS = ("all", "small", "medium", "large")
+
+
+def match_records(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int], area: str = "all"
+                  ) -> MatchRecords:
     """Run pycocotools' ``evaluate()`` once (bbox, its default parameters) on ``image_ids`` and keep,
-    per category, what ``accumulate()`` reads for area ``all`` and 100 detections per image."""
+    per category, what ``accumulate()`` reads for ``area`` (one of :data:`AREAS`) and 100 detections per image."""
+    return match_records_by_area(coco_gt, results, image_ids)[area]
+
+
+def match_records_by_area(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int]
+                          ) -> dict[str, MatchRecords]:
+    """:func:`match_records` for every area of :data:`AREAS` from one ``evaluate()``."""
     ids = sorted({int(i) for i in image_ids})
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)) if results else COCO(), iouType="bbox")
@@ -59,33 +70,56 @@ def match_records(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Seque
         if results:
             ev.evaluate()
     p = ev.params
-    max_det, num_thrs, num_areas = p.maxDets[-1], len(p.iouThrs), len(p.areaRng)
-    categories = []
-    for k in range(len(p.catIds)):
-        per_image = ev.evalImgs[k * num_areas * len(ids): k * num_areas * len(ids) + len(ids)] if results else []
-        gt = np.zeros(len(ids))
-        scores, image, matched, ignored = [], [], [], []
-        for i, e in enumerate(per_image):
-            if e is None:
-                continue
-            gt[i] = np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
-            scores.append(np.asarray(e["dtScores"][:max_det], dtype=np.float64))
-            image.append(np.full(len(scores[-1]), i))
-            matched.append(np.asarray(e["dtMatches"])[:, :max_det])
-            ignored.append(np.asarray(e["dtIgnore"])[:, :max_det].astype(bool))
-        if not results:  # no detections: the ground truth still counts (AP 0 for the category)
-            gt = np.array([len(coco_gt.getAnnIds(imgIds=[i], catIds=[p.catIds[k]], iscrowd=False)) for i in ids],
-                          dtype=np.float64)
-        if not scores:
-            empty = np.zeros((num_thrs, 0), dtype=bool)
-            categories.append(CategoryMatches(np.zeros(0, dtype=np.int64), empty, empty, gt))
+    num_areas, rec_thrs = len(p.areaRng), np.asarray(p.recThrs, dtype=np.float64)
+    by_area = {}
+    for a, name in enumerate(AREAS):
+        categories = []
+        for k, cat_id in enumerate(p.catIds):
+            start = (k * num_areas + a) * len(ids)
+            if results:
+                per_image = ev.evalImgs[start: start + len(ids)]
+                categories.append(_category_matches(per_image, p.maxDets[-1], len(p.iouThrs)))
+            else:  # no detections: the ground truth still counts (AP 0 for the category)
+                categories.append(_ground_truth_only(coco_gt, ids, cat_id, p.areaRng[a], len(p.iouThrs)))
+        by_area[name] = MatchRecords(ids, categories, rec_thrs)
+    return by_area
+
+
+def _category_matches(per_image: Sequence[dict[str, Any] | None], max_det: int, num_thrs: int) -> CategoryMatches:
+    """One category's ``evalImgs`` entries (one per image, None where it has neither boxes nor detections)
+    -> its detections in ``accumulate()``'s score order."""
+    gt = np.zeros(len(per_image))
+    scores, image, matched, ignored = [], [], [], []
+    for i, e in enumerate(per_image):
+        if e is None:
             continue
-        order = np.argsort(-np.concatenate(scores), kind="mergesort")  # as accumulate(): stable on image order
-        dtm = np.concatenate(matched, axis=1)[:, order]
-        dt_ignored = np.concatenate(ignored, axis=1)[:, order]
-        categories.append(CategoryMatches(np.concatenate(image)[order], (dtm != 0) & ~dt_ignored,
-                                          (dtm == 0) & ~dt_ignored, gt))
-    return MatchRecords(ids, categories, np.asarray(p.recThrs, dtype=np.float64))
+        gt[i] = np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
+        scores.append(np.asarray(e["dtScores"][:max_det], dtype=np.float64))
+        image.append(np.full(len(scores[-1]), i))
+        matched.append(np.asarray(e["dtMatches"])[:, :max_det])
+        ignored.append(np.asarray(e["dtIgnore"])[:, :max_det].astype(bool))
+    if not scores:
+        empty = np.zeros((num_thrs, 0), dtype=bool)
+        return CategoryMatches(np.zeros(0, dtype=np.int64), empty, empty, gt)
+    order = np.argsort(-np.concatenate(scores), kind="mergesort")  # as accumulate(): stable on image order
+    dtm = np.concatenate(matched, axis=1)[:, order]
+    dt_ignored = np.concatenate(ignored, axis=1)[:, order]
+    tp, fp = (dtm != 0) & ~dt_ignored, (dtm == 0) & ~dt_ignored
+    # a detection ignored at every IoU threshold (matched to a crowd box, or outside the area range) moves
+    # neither count: accumulate()'s precision at recall thresholds is the same without it, and dropping it
+    # makes the small / medium / large records a fraction of the size
+    keep = (tp | fp).any(axis=0)
+    return CategoryMatches(np.concatenate(image)[order][keep], tp[:, keep], fp[:, keep], gt)
+
+
+def _ground_truth_only(coco_gt: COCO, ids: Sequence[int], cat_id: int, area_range: Sequence[float],
+                       num_thrs: int) -> CategoryMatches:
+    """A category without detections: per image its boxes that COCOeval does not ignore (not crowd, the
+    area inside ``area_range``)."""
+    gt = np.array([sum(1 for ann in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[i], catIds=[cat_id], iscrowd=False))
+                       if area_range[0] <= ann["area"] <= area_range[1]) for i in ids], dtype=np.float64)
+    empty = np.zeros((num_thrs, 0), dtype=bool)
+    return CategoryMatches(np.zeros(0, dtype=np.int64), empty, empty, gt)
 
 
 def resample_counts(num_images: int, resamples: int, seed: int) -> np.ndarray:
@@ -120,21 +154,32 @@ def _category_precision(cat: CategoryMatches, counts: np.ndarray, rec_thrs: np.n
     return out
 
 
-def resampled_ap(records: MatchRecords, counts: np.ndarray) -> np.ndarray:
-    """``(B,)`` COCO AP (0.5:0.95, area all, 100 detections) on each resample of ``counts (B, I)``;
-    ``counts`` all ones gives COCOeval's AP. NaN where a resample holds no ground truth at all."""
-    num_resamples = len(counts)
-    total = np.zeros(num_resamples)
-    valid = np.zeros(num_resamples)
-    for cat in records.categories:
+def resampled_category_ap(records: MatchRecords, counts: np.ndarray) -> np.ndarray:
+    """``(C, B)`` each category's AP (0.5:0.95, the records' area, 100 detections) on each resample of
+    ``counts (B, I)``; NaN where a resample holds no ground truth of it (COCOeval's -1)."""
+    out = np.full((len(records.categories), len(counts)), np.nan)
+    for k, cat in enumerate(records.categories):
         chunk = max(1, CHUNK_VALUES // max(1, cat.tp.size))
-        for start in range(0, num_resamples, chunk):
-            part = _category_precision(cat, counts[start: start + chunk], records.rec_thrs)
-            has_gt = ~np.isnan(part[:, 0, 0])
-            total[start: start + chunk] += np.where(has_gt, np.nan_to_num(part).mean(axis=(1, 2)), 0.0)
-            valid[start: start + chunk] += has_gt
-    with np.errstate(invalid="ignore"):
-        return np.where(valid > 0, total / np.maximum(valid, 1), np.nan)
+        for start in range(0, len(counts), chunk):
+            out[k, start: start + chunk] = _category_precision(cat, counts[start: start + chunk],
+                                                               records.rec_thrs).mean(axis=(1, 2))
+    return out
+
+
+def mean_over_categories(per_category: np.ndarray) -> np.ndarray:
+    """``(C, B) -> (B,)``: COCO's mean over the categories with ground truth; NaN where none has any."""
+    valid = ~np.isnan(per_category)
+    count = valid.sum(axis=0)
+    return np.where(count > 0, np.nansum(per_category, axis=0) / np.maximum(count, 1), np.nan)
+
+
+def resampled_ap(records: MatchRecords, counts: np.ndarray, categories: Sequence[int] | None = None) -> np.ndarray:
+    """``(B,)`` COCO AP (0.5:0.95, the records' area, 100 detections) on each resample of ``counts (B, I)``,
+    over ``categories`` (indices into ``records.categories``; default all): ``counts`` all ones gives
+    COCOeval's AP. NaN where a resample holds no ground truth of them at all."""
+    chosen = records if categories is None else MatchRecords(records.image_ids, [records.categories[k] for k in
+                                                                                 categories], records.rec_thrs)
+    return mean_over_categories(resampled_category_ap(chosen, counts))
 
 
 def paired_difference(base: Sequence[np.ndarray], other: Sequence[np.ndarray], level: float = 0.95

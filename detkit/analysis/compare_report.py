@@ -1,6 +1,7 @@
 """The report of a comparison (``report.json``, ``report.md``, ``report.png``): per config the mean and
 std over seeds of the COCO numbers of each run's last evaluation, and against the first config (the
-baseline) the AP difference with a paired-bootstrap interval over the val images."""
+baseline) the AP difference with a paired-bootstrap interval over the val images, and the same interval
+for the AP of each object size (COCO small / medium / large) and of each class."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ from pycocotools.coco import COCO
 
 from detkit.analysis import RunDataError
 from detkit.analysis.bootstrap import (
-    match_records,
+    AREAS,
+    MatchRecords,
+    match_records_by_area,
+    mean_over_categories,
     paired_difference,
     resample_counts,
     resampled_ap,
+    resampled_category_ap,
 )
 from detkit.analysis.plotting import new_figure, save_figure
 from detkit.engine.evaluator import SUMMARY_KEYS
@@ -83,14 +88,15 @@ def build_report(runs: Sequence[RunResult], coco_gt: COCO, image_ids: Sequence[i
                                 f"{seeds[labels[0]]}; the comparison pairs runs by seed")
     ids = sorted({int(i) for i in image_ids})
     counts = np.vstack([np.ones((1, len(ids)), dtype=np.int64), resample_counts(len(ids), resamples, seed)])
-    ap = {}  # run -> (1 + resamples,) AP on the full val set, then on each resample
+    ap = {}  # run -> {"AP" | "APs" | ... | class name: (1 + resamples,) AP on the full val set, then each resample}
     for run in runs:
         try:
             results = json.loads(run.results_file.read_text())
         except ValueError as err:  # a run killed while writing it
             raise RunDataError(f"{run.results_file}: not a COCO results json ({err}); to redo that run, delete "
                                 f"{run.work_dir} and run the command again") from None
-        ap[run.work_dir] = resampled_ap(match_records(coco_gt, results, ids), counts)
+        ap[run.work_dir] = _resampled_breakdown(match_records_by_area(coco_gt, results, ids), counts,
+                                                class_names(coco_gt))
     configs = {}
     for label, rs in by_label.items():
         summary = {key: _mean_std([r.metrics.get(key) for r in rs]) for key in SUMMARY_KEYS}
@@ -99,12 +105,46 @@ def build_report(runs: Sequence[RunResult], coco_gt: COCO, image_ids: Sequence[i
                           "per_seed": {**{key: [r.metrics.get(key) for r in rs] for key in SUMMARY_KEYS},
                                        "wall_s": [r.wall_s for r in rs]},
                           "mean": {k: v[0] for k, v in summary.items()}, "std": {k: v[1] for k, v in summary.items()},
-                          "ap_recomputed": [float(ap[r.work_dir][0]) for r in rs]}
-    base = [ap[r.work_dir] for r in by_label[labels[0]]]
-    comparisons = {label: paired_difference(base, [ap[r.work_dir] for r in by_label[label]], level)
-                   for label in labels[1:]}
+                          "ap_recomputed": [float(ap[r.work_dir]["AP"][0]) for r in rs],
+                          "breakdown": {key: float(np.mean([ap[r.work_dir][key][0] for r in rs]))
+                                        for key in ap[rs[0].work_dir] if key != "AP"}}
+    comparisons = {}
+    for label in labels[1:]:
+        diff = {key: paired_difference([ap[r.work_dir][key] for r in by_label[labels[0]]],
+                                       [ap[r.work_dir][key] for r in by_label[label]], level)
+                for key in ap[runs[0].work_dir]}
+        comparisons[label] = {**diff.pop("AP"), "breakdown": diff}
     return {"baseline": labels[0], "labels": labels, "num_images": len(ids), "resamples": resamples,
-            "bootstrap_seed": seed, "level": level, "configs": configs, "comparisons": comparisons}
+            "bootstrap_seed": seed, "level": level, "configs": configs, "comparisons": comparisons,
+            "ground_truth": ground_truth_counts(coco_gt, ids)}
+
+
+def class_names(coco_gt: COCO) -> list[str]:
+    """Category names in ``coco_gt.getCatIds()`` order (COCOeval's ``params.catIds``)."""
+    return [c["name"] for c in coco_gt.loadCats(coco_gt.getCatIds())]
+
+
+def _resampled_breakdown(records: dict[str, MatchRecords], counts: np.ndarray, names: Sequence[str]
+                         ) -> dict[str, np.ndarray]:
+    """AP (area all), APs, APm, APl and each class's AP (area all) on the full val set and each resample:
+    ``(1 + B,)`` each, from the records of every area and ``counts (1 + B, I)``."""
+    per_class = resampled_category_ap(records["all"], counts)
+    out = {"AP": mean_over_categories(per_class)}
+    for area in AREAS[1:]:
+        out[f"AP{area[0]}"] = resampled_ap(records[area], counts)
+    out.update(zip(names, per_class))
+    return {key: values for key, values in out.items() if not np.isnan(values[0])}  # NaN: no such boxes in val
+
+
+def ground_truth_counts(coco_gt: COCO, ids: Sequence[int]) -> dict[str, int]:
+    """Non-crowd val boxes per COCO size (``APs``: area under 32^2, ``APm``: up to 96^2, ``APl``) and per
+    class name: how much data each breakdown interval rests on."""
+    anns = [a for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=list(ids), iscrowd=False))]
+    sizes = {"APs": sum(int(a["area"] <= 32 ** 2) for a in anns),
+             "APm": sum(int(32 ** 2 <= a["area"] <= 96 ** 2) for a in anns),
+             "APl": sum(int(a["area"] >= 96 ** 2) for a in anns)}  # COCOeval's ranges (bounds in both)
+    cats = dict(zip(coco_gt.getCatIds(), class_names(coco_gt)))
+    return {**sizes, **{name: sum(int(a["category_id"] == cid) for a in anns) for cid, name in cats.items()}}
 
 
 def _pct(mean: float, std: float) -> str:
@@ -149,7 +189,31 @@ def format_markdown(report: dict[str, Any]) -> str:
             d = report["comparisons"][label]
             cells += [f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]", d["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + breakdown_table(report)) + "\n"
+
+
+def breakdown_table(report: dict[str, Any], max_classes: int = 12) -> list[str]:
+    """Markdown lines: per config the seed-mean AP of each object size and class (classes only up to
+    ``max_classes``; report.json has them all) and its paired-bootstrap difference to the baseline."""
+    keys = list(report["configs"][report["baseline"]]["breakdown"])
+    if len(keys) > 3 + max_classes:
+        keys = keys[:3]
+    level, gt = round(100 * report["level"]), report["ground_truth"]
+    lines = ["", f"AP by object size and by class, seed mean, and in brackets the difference to the baseline with its "
+             f"{level}% interval (bold where the interval excludes 0); the val boxes each column rests on:", "",
+             "| config | " + " | ".join(f"{key} ({gt.get(key, 0)} boxes)" for key in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for label in report["labels"]:
+        cells = []
+        for key in keys:
+            cell = f"{100 * report['configs'][label]['breakdown'][key]:.1f}"
+            if label != report["baseline"]:
+                d = report["comparisons"][label]["breakdown"][key]
+                diff = f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+                cell += f" ({f'**{diff}**' if d['verdict'] in VERDICT_COLOURS else diff})"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_report(report: dict[str, Any], path: Path) -> Path:
