@@ -92,14 +92,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         show("epochs", f"training epochs through the trainer ({' '.join(args.epoch_set) or 'as configured'})",
              epochs.bench_epochs(configs, [*data, *args.epoch_set], str(device), args.epochs, args.rounds))
     if "export" in args.sections:
-        from detkit.deploy.latency import bench_export  # onnx and onnxruntime: only for this section
+        from detkit.export_bench import bench_export  # onnx and onnxruntime: only for this section
 
         show("export", f"one {args.size}px image on the CPU: eager vs onnxruntime",
              bench_export(DEFAULT_CONFIG, args.size, args.repeat))
     if "deploy" in args.sections:
         if not args.checkpoint:
             raise ConfigError("--sections deploy times one trained model in every format: give --checkpoint CKPT")
-        from detkit.deploy.benchmark import bench_deploy  # the exporters and runtimes: only for this section
+        from detkit.export_bench import bench_deploy  # the exporters and runtimes: only for this section
 
         show("deploy", f"{args.checkpoint} in every format on the CPU (val AP on data.val, batches of val images)",
              bench_deploy(args.checkpoint, args.repeat, args.calib_images))

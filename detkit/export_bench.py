@@ -1,16 +1,19 @@
-"""``benchmark --sections deploy``: one checkpoint in every format this machine can run (ultralytics'
-``yolo benchmark`` for detkit).
+"""The export benchmarks (``benchmark --sections export`` and ``--sections deploy``), above the exporters
+and the runtimes they time.
 
-Per format: the file's size, the time to write it (export, conversion, quantization), its COCO AP on the
-checkpoint config's ``data.val`` through its own runtime (:mod:`detkit.deploy.validate`), the latency of one
-image and the throughput of a batch of 8 val images, all on the CPU. PyTorch eager is ``predict``'s network
-(BatchNorm folded, channels_last) on the same padded batches; the runtimes are timed alternately
+``export``: latency of one image, PyTorch eager vs the same model in ONNX on onnxruntime.
+``deploy``: one checkpoint in every format this machine can run (ultralytics' ``yolo benchmark`` for
+detkit). Per format: the file's size, the time to write it (export, conversion, quantization), its COCO AP
+on the checkpoint config's ``data.val`` through its own runtime (:mod:`detkit.deploy.validate`), the latency
+of one image and the throughput of a batch of 8 val images, all on the CPU. PyTorch eager is ``predict``'s
+network (BatchNorm folded, channels_last) on the same padded batches; the runtimes are timed alternately
 (:func:`detkit.bench.common.time_pair`), so drift on a shared machine hits all alike.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import statistics
 import sys
 import tempfile
 import time
@@ -22,10 +25,12 @@ from torch import Tensor
 
 from detkit.api import load_detector
 from detkit.bench.common import time_pair
+from detkit.config import load_config
 from detkit.deploy.openvino import calibration_inputs, weights_path
 from detkit.deploy.parity import Runner
 from detkit.deploy.validate import RuntimeDetector, Validation
-from detkit.export import FORMATS, ExportError, ExportOptions, write
+from detkit.export import FORMATS, ExportError, ExportOptions, export_onnx, full_sizes, require, write
+from detkit.models import build_detector
 
 CPU = torch.device("cpu")
 #: (row name, --format, int8): the rows after PyTorch eager, in this order
@@ -99,3 +104,40 @@ def bench_deploy(checkpoint: str | Path, repeat: int = 20, calib_images: int = 1
 def bound(run: Runner, images: Tensor, sizes: Tensor) -> Callable[[], Any]:
     """``run`` on these inputs, as a no-argument call for :func:`time_pair`."""
     return lambda: run(images, sizes)
+
+
+def bench_export(config: str | Path, size: int = 512, repeat: int = 20, threads: int = 2) -> list[dict[str, Any]]:
+    """Latency of one ``size`` x ``size`` image on the CPU: PyTorch eager ``predict`` vs the same model
+    exported to ONNX and run by onnxruntime (both on ``threads`` threads; median of ``repeat``)."""
+    require("onnxruntime")
+    import onnxruntime  # the export extra: imported when this section runs
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model = build_detector(load_config(config)["model"]).eval()
+    image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_onnx(model, Path(folder) / "m.onnx", ExportOptions(dynamo=False))
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        # a Detector's predict (nn.Module types its attributes as Tensor | Module)
+        runs = {"pytorch eager predict": lambda: model.predict(image),  # type: ignore[operator]
+                "onnxruntime (CPU)": lambda: session.run(None, {"images": image.numpy(),
+                                                                "image_sizes": full_sizes(image).numpy()})}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        with torch.no_grad():
+            for _ in range(3):  # warm-up
+                for fn in runs.values():
+                    fn()
+            for _ in range(repeat):
+                for name, fn in runs.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+    torch.set_num_threads(previous)
+    eager = statistics.median(times["pytorch eager predict"])
+    return [{"runtime": name, "config": Path(config).stem, "size": size, "threads": threads,
+             "latency_ms": round(statistics.median(t) * 1e3, 1),
+             "speedup_vs_eager": round(eager / statistics.median(t), 2)}
+            for name, t in times.items()]
