@@ -123,7 +123,8 @@ class DetectorModel:
 
         ``tiles={"size": 512, "overlap": 0.2, "full_image": True, "merge": "nms"}`` predicts each image sliced
         (:class:`~detkit.ops.tiles.TileSettings`): the model on every tile of the image as ``data.val.transforms``
-        give it, batched, and on the whole image resized to fit a tile, merged in the image's pixels."""
+        give it, batched, and on the whole image (``full_image``: as given, ``"fit"`` resized to one tile, or
+        not at all), merged in the image's pixels."""
         if isinstance(score_thr, bool) or not isinstance(score_thr, numbers.Real) or not 0.0 <= score_thr <= 1.0:
             raise ValueError(f"score_thr must lie in [0, 1] (a number), got {score_thr!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:

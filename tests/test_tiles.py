@@ -16,7 +16,8 @@ from detkit.data.sampler import SeededDataset
 from detkit.data.tiled import crop_boxes
 from detkit.engine.evaluator import evaluate_model
 from detkit.models import build_detector
-from detkit.ops.tiles import TileSettings, merge_tiles, sliced_predict, tile_grid
+from detkit.registry import ConfigError
+from detkit.ops.tiles import TileSettings, merge_tiles, sliced_predict, tile_grid, whole_image_pass
 from tests.cli_runner import run_main, tiny_shapes
 
 TILES_CONFIG = "configs/fcos/fcos_r18_fpn_shapes_tiles.yaml"
@@ -63,13 +64,36 @@ def bright_box(images: torch.Tensor, sizes: torch.Tensor) -> list[dict[str, torc
     return out
 
 
+def larger_scores_higher(images: torch.Tensor, sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+    """``bright_box`` scoring a box by its area (a whole object above the parts of it that tiles see)."""
+    out = bright_box(images, sizes)
+    for det in out:
+        det["scores"] = 0.5 + (det["boxes"][:, 2:] - det["boxes"][:, :2]).prod(dim=1) / 1e6
+    return out
+
+
 def test_sliced_predict_maps_tiles_back_and_merges_duplicates() -> None:
     image = torch.zeros(3, 160, 256, dtype=torch.uint8)
     image[:, 40:56, 100:116] = 255  # whole in the tiles at x 0 and 96, not in the one at 128
     det = sliced_predict(bright_box, image, TileSettings(size=128, overlap=32, full_image=False))
     assert det["boxes"].tolist() == [[100, 40, 116, 56]]
-    det = sliced_predict(bright_box, image, TileSettings(size=128, overlap=32, full_image=True))  # + half size
-    assert len(det["boxes"]) == 1 and det["boxes"].tolist() == [[100, 40, 116, 56]]
+    for whole in (True, "fit"):  # + the whole image as given / at half size
+        det = sliced_predict(bright_box, image, TileSettings(size=128, overlap=32, full_image=whole))
+        assert len(det["boxes"]) == 1 and det["boxes"].tolist() == [[100, 40, 116, 56]]
+
+
+def test_whole_image_pass_is_the_whole_image_prediction_or_fits_one_tile() -> None:
+    image = torch.zeros(3, 160, 256, dtype=torch.uint8)
+    image[:, 20:140, 30:230] = 255  # larger than a tile: every tile sees a part of it
+    assert whole_image_pass(bright_box, image, None)["boxes"].tolist() == [[30, 20, 230, 140]]
+    assert whole_image_pass(bright_box, image, 128)["boxes"].tolist() == [[30, 20, 230, 140]]  # half size, scaled back
+    cut = sliced_predict(bright_box, image, TileSettings(size=128, overlap=32, full_image=False))
+    assert len(cut["boxes"]) > 1  # the parts that tiles see: what the whole-image pass and nmm are for
+    merged = sliced_predict(larger_scores_higher, image, TileSettings(size=128, overlap=32, full_image=True,
+                                                                    merge="nmm"))
+    assert merged["boxes"].tolist() == [[30, 20, 230, 140]]
+    with pytest.raises(ConfigError, match="full_image must be true"):
+        TileSettings.parse({"size": 128, "full_image": "yes"})
 
 
 def test_sliced_eval_equals_whole_image_eval_when_one_tile_covers_the_image(tmp_path: Path) -> None:

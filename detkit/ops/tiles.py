@@ -4,7 +4,7 @@ tiles' detections into one set per image.
 Tiles are cut from the image the model sees (after ``data.val.transforms``; with no Resize there, the
 original pixels). The last tile of a row or column is shifted to end at the image border (sahi does the
 same), so every tile has the same size and a batch of tiles needs no padding between them. Detections
-of all tiles (and of the whole image resized, with ``full_image``) are moved to image pixels and merged:
+of all tiles (and of the whole image, with ``full_image``) are moved to image pixels and merged:
 
 * ``nms`` (default): class-aware NMS (``torchvision.ops.batched_nms``) at IoU ``iou_thr``. It keeps
   the model's own boxes. With ``overlap`` at least the largest object, each object lies whole in one tile;
@@ -115,13 +115,14 @@ def merge_tiles(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thr: float = 
 @dataclass
 class TileSettings:
     """Sliced inference: ``size`` tile side (pixels), ``overlap`` (fraction of ``size`` or pixels),
-    ``full_image`` (also run the whole image resized to fit ``size``, for objects larger than a tile),
+    ``full_image`` (also run the whole image: ``true`` as given, the whole-image prediction, as sahi's standard
+    prediction; ``"fit"`` resized to fit one tile, for a model trained on tiles; ``false`` tiles only),
     ``merge`` (``nms`` | ``nmm``) at ``iou_thr``, ``max_det`` detections per image (COCO scores 100),
     ``batch_size`` tiles per forward."""
 
     size: int
     overlap: int | float = 0.2
-    full_image: bool = True
+    full_image: bool | str = True
     merge: str = "nms"
     iou_thr: float = 0.5
     max_det: int = 100
@@ -140,8 +141,9 @@ class TileSettings:
         s = cls(**value)
         tile_size(s.size, f"{key}.size")
         overlap_pixels(s.size, s.overlap, f"{key}.overlap")
-        if not isinstance(s.full_image, bool):
-            raise ConfigError(f"{key}.full_image must be true or false, got {s.full_image!r}")
+        if not isinstance(s.full_image, bool) and s.full_image != "fit":
+            raise ConfigError(f"{key}.full_image must be true (the whole image as given), fit (resized to one tile) "
+                              f"or false, got {s.full_image!r}")
         if s.merge not in MERGE_MODES:
             raise ConfigError(f"{key}.merge must be one of {', '.join(MERGE_MODES)}, got {s.merge!r}")
         if isinstance(s.iou_thr, bool) or not isinstance(s.iou_thr, (int, float)) or not 0.0 < s.iou_thr <= 1.0:
@@ -161,10 +163,25 @@ def pad_to_multiple(images: Tensor, divisor: int) -> Tensor:
     return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
 
 
+def whole_image_pass(predict: PredictFn, image: Tensor, fit: int | None, size_divisor: int = 32
+                     ) -> dict[str, Tensor]:
+    """Detections of the whole ``image (3, H, W)`` in its pixels: as given (``fit`` None: what ``predict`` gives
+    without tiles) or resized (bilinear, antialiased) so that its longer side is ``fit`` pixels."""
+    height, width = image.shape[-2:]
+    h, w = height, width
+    if fit is not None:
+        scale = fit / max(height, width)
+        h, w = max(round(height * scale), 1), max(round(width * scale), 1)
+        image = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", antialias=True,
+                              align_corners=False)[0].round().clamp(0, 255).to(image.dtype)
+    det = predict(pad_to_multiple(image[None], size_divisor), torch.tensor([[h, w]], dtype=torch.int64))[0]
+    return {**det, "boxes": det["boxes"] * det["boxes"].new_tensor([width / w, height / h] * 2)}
+
+
 def sliced_predict(predict: PredictFn, image: Tensor, tiles: TileSettings, size_divisor: int = 32
                    ) -> dict[str, Tensor]:
     """Detections of ``image (3, H, W)`` (on the model's device) in its pixels: ``predict`` on every tile
-    (``tiles.batch_size`` per call) and, with ``full_image``, on the image resized to fit the tile size,
+    (``tiles.batch_size`` per call) and, with ``full_image``, on the whole image (:func:`whole_image_pass`),
     merged by :func:`merge_tiles`. One pass alone (one tile covers the image, no whole-image pass) is
     returned as the model gave it."""
     height, width = image.shape[-2:]
@@ -178,12 +195,7 @@ def sliced_predict(predict: PredictFn, image: Tensor, tiles: TileSettings, size_
         for (x1, y1, _, _), det in zip(chunk.tolist(), predict(pad_to_multiple(batch, size_divisor), sizes)):
             parts.append({**det, "boxes": det["boxes"] + det["boxes"].new_tensor([x1, y1, x1, y1])})
     if tiles.full_image and len(grid) > 1:  # more than one tile: the image is larger than a tile
-        scale = tiles.size / max(height, width)
-        h, w = max(round(height * scale), 1), max(round(width * scale), 1)
-        whole = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-        det = predict(pad_to_multiple(whole.round().clamp(0, 255).to(image.dtype), size_divisor),
-                      torch.tensor([[h, w]], dtype=torch.int64))[0]
-        parts.append({**det, "boxes": det["boxes"] * det["boxes"].new_tensor([width / w, height / h] * 2)})
+        parts.append(whole_image_pass(predict, image, tiles.size if tiles.full_image == "fit" else None, size_divisor))
     if len(parts) == 1:
         return parts[0]
     merged = {k: torch.cat([p[k] for p in parts]) for k in ("boxes", "scores", "labels")}
