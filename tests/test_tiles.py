@@ -92,6 +92,10 @@ def test_whole_image_pass_is_the_whole_image_prediction_or_fits_one_tile() -> No
     merged = sliced_predict(larger_scores_higher, image, TileSettings(size=128, overlap=32, full_image=True,
                                                                     merge="nmm"))
     assert merged["boxes"].tolist() == [[30, 20, 230, 140]]
+    clean = sliced_predict(bright_box, image, TileSettings(size=128, overlap=32, full_image=True, cut_margin=2))
+    assert clean["boxes"].tolist() == [[30, 20, 230, 140]]  # every tile's view touches an inner tile edge
+    with pytest.raises(ConfigError, match="cut_margin must be an integer >= 0"):
+        TileSettings.parse({"size": 128, "cut_margin": -1})
     with pytest.raises(ConfigError, match="full_image must be true"):
         TileSettings.parse({"size": 128, "full_image": "yes"})
 

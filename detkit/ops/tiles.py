@@ -21,7 +21,7 @@ of all tiles (and of the whole image, with ``full_image``) are moved to image pi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +118,8 @@ class TileSettings:
     ``full_image`` (also run the whole image: ``true`` as given, the whole-image prediction, as sahi's standard
     prediction; ``"fit"`` resized to fit one tile, for a model trained on tiles; ``false`` tiles only),
     ``merge`` (``nms`` | ``nmm``) at ``iou_thr``, ``max_det`` detections per image (COCO scores 100),
-    ``batch_size`` tiles per forward."""
+    ``batch_size`` tiles per forward, ``cut_margin``: a tile's box within that many pixels of a tile edge
+    inside the image is a cut view of a larger object and is dropped (0: kept)."""
 
     size: int
     overlap: int | float = 0.2
@@ -127,6 +128,7 @@ class TileSettings:
     iou_thr: float = 0.5
     max_det: int = 100
     batch_size: int = 16
+    cut_margin: int = 0
 
     @classmethod
     def parse(cls, value: Any, key: str = "tiles") -> "TileSettings | None":
@@ -148,10 +150,10 @@ class TileSettings:
             raise ConfigError(f"{key}.merge must be one of {', '.join(MERGE_MODES)}, got {s.merge!r}")
         if isinstance(s.iou_thr, bool) or not isinstance(s.iou_thr, (int, float)) or not 0.0 < s.iou_thr <= 1.0:
             raise ConfigError(f"{key}.iou_thr must be a number in (0, 1], got {s.iou_thr!r}")
-        for name in ("max_det", "batch_size"):
+        for name, least in (("max_det", 1), ("batch_size", 1), ("cut_margin", 0)):
             number = getattr(s, name)
-            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-                raise ConfigError(f"{key}.{name} must be an integer >= 1, got {number!r}")
+            if isinstance(number, bool) or not isinstance(number, int) or number < least:
+                raise ConfigError(f"{key}.{name} must be an integer >= {least}, got {number!r}")
         return s
 
 
@@ -161,6 +163,18 @@ def pad_to_multiple(images: Tensor, divisor: int) -> Tensor:
     h, w = images.shape[-2:]
     pad_h, pad_w = -h % divisor, -w % divisor
     return F.pad(images, (0, pad_w, 0, pad_h)) if pad_h or pad_w else images
+
+
+def drop_cut_views(det: dict[str, Tensor], tile: Sequence[int], height: int, width: int, margin: int
+                   ) -> dict[str, Tensor]:
+    """One tile's detections (tile pixels) without the boxes within ``margin`` pixels of a tile edge that lies
+    inside the ``height`` x ``width`` image: views of objects the tile cuts (seen whole by a neighbouring
+    tile when the overlap exceeds them, or by the whole-image pass). ``tile``: ``(x1, y1, x2, y2)``."""
+    x1, y1, x2, y2 = tile
+    boxes = det["boxes"]
+    cut = (((boxes[:, 0] <= margin) & (x1 > 0)) | ((boxes[:, 1] <= margin) & (y1 > 0))
+           | ((boxes[:, 2] >= x2 - x1 - margin) & (x2 < width)) | ((boxes[:, 3] >= y2 - y1 - margin) & (y2 < height)))
+    return {k: v[~cut] for k, v in det.items()}
 
 
 def whole_image_pass(predict: PredictFn, image: Tensor, fit: int | None, size_divisor: int = 32
@@ -192,8 +206,10 @@ def sliced_predict(predict: PredictFn, image: Tensor, tiles: TileSettings, size_
         chunk = grid[start:start + tiles.batch_size]
         batch = torch.stack([image[:, y1:y1 + th, x1:x1 + tw] for x1, y1, _, _ in chunk.tolist()])
         sizes = torch.tensor([[th, tw]], dtype=torch.int64).expand(len(chunk), 2)
-        for (x1, y1, _, _), det in zip(chunk.tolist(), predict(pad_to_multiple(batch, size_divisor), sizes)):
-            parts.append({**det, "boxes": det["boxes"] + det["boxes"].new_tensor([x1, y1, x1, y1])})
+        for tile, det in zip(chunk.tolist(), predict(pad_to_multiple(batch, size_divisor), sizes)):
+            if tiles.cut_margin:
+                det = drop_cut_views(det, tile, height, width, tiles.cut_margin)
+            parts.append({**det, "boxes": det["boxes"] + det["boxes"].new_tensor([tile[0], tile[1]] * 2)})
     if tiles.full_image and len(grid) > 1:  # more than one tile: the image is larger than a tile
         parts.append(whole_image_pass(predict, image, tiles.size if tiles.full_image == "fit" else None, size_divisor))
     if len(parts) == 1:
