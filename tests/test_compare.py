@@ -244,8 +244,11 @@ def test_compare_end_to_end_reuses_finished_runs(tmp_path: Path, capsys: pytest.
     assert "6 finished (reused), 0 to train" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.pth")} == mtimes and len(mtimes) > 6
     md = (out / "report.md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    table, breakdown = md.split("\nAP by object size and by class")
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == 2
+    assert [line.split(" | ")[0] for line in breakdown.splitlines() if line.startswith("| ")][1:] == \
+        [f"| {CONFIG.stem}", f"| {DIOU.stem}"]
     assert rows[0].startswith(f"| {CONFIG.stem} | 3 |") and rows[1].startswith(f"| {DIOU.stem} | 3 |")
     report = json.loads((out / "report.json").read_text())
     assert report["configs"][CONFIG.stem]["seeds"] == [0, 1, 2] and (out / "report.png").stat().st_size > 10_000
