@@ -13,7 +13,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detkit.analysis.bootstrap import match_records, resampled_ap
+from detkit.analysis.bootstrap import match_records_by_area, resampled_ap
 from detkit.analysis.compare import compare
 from detkit.analysis.compare_report import (
     RunResult,
@@ -112,16 +112,16 @@ def test_identity_resample_is_cocoeval_ap(images: int, classes: int, dets: int) 
     coco = coco_of({**coco.dataset, "annotations": [*coco.dataset["annotations"], crowd]})
     ids = coco.getImgIds()
     expected = run_cocoeval(coco, results, ids).stats[0]
-    got = resampled_ap(match_records(coco, results, ids), np.ones((1, len(ids)), dtype=np.int64))[0]
+    got = resampled_ap(match_records_by_area(coco, results, ids)["all"], np.ones((1, len(ids)), dtype=np.int64))[0]
     assert abs(got - expected) < 1e-6
-    assert resampled_ap(match_records(coco, [], ids), np.ones((1, len(ids)), dtype=np.int64))[0] == 0.0
+    assert resampled_ap(match_records_by_area(coco, [], ids)["all"], np.ones((1, len(ids)), dtype=np.int64))[0] == 0.0
     ones = np.ones((1, len(ids)), dtype=np.int64)
     stats = run_cocoeval(coco, results, ids).stats
     for area, stat in (("small", 3), ("medium", 4), ("large", 5)):  # COCOeval's APs, APm, APl (-1: no such box)
-        got = resampled_ap(match_records(coco, results, ids, area), ones)[0]
+        got = resampled_ap(match_records_by_area(coco, results, ids)[area], ones)[0]
         assert (np.isnan(got) and stats[stat] == -1) or abs(got - stats[stat]) < 1e-6
     for k, cat_id in enumerate(coco.getCatIds()):  # one class: COCOeval restricted to it
-        assert abs(resampled_ap(match_records(coco, results, ids), ones, [k])[0] - cat_ap(coco, results, ids, cat_id)) < 1e-6
+        assert abs(resampled_ap(match_records_by_area(coco, results, ids)["all"], ones, [k])[0] - cat_ap(coco, results, ids, cat_id)) < 1e-6
 
 
 def cat_ap(coco: COCO, results: list[dict], ids: list[int], cat_id: int) -> float:

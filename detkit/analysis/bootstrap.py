@@ -2,7 +2,7 @@
 
 COCOeval's per-image matching (``evaluate()``) does not depend on which other images are evaluated, so a
 resample (val images drawn with replacement) only changes how often each image's match records count.
-:func:`match_records` runs the matching once; :func:`resampled_ap` then recomputes, for many resamples at
+:func:`match_records_by_area` runs the matching once; :func:`resampled_ap` then recomputes, for many resamples at
 once, what ``COCOeval.accumulate`` + ``summarize`` give for AP (IoU 0.5:0.95, area all, 100 detections)
 on the dataset in which image ``i`` appears ``counts[i]`` times: cumulative true/false positives
 weighted by the counts, 101-point interpolated precision, the mean over IoU thresholds and the
@@ -53,16 +53,10 @@ class MatchRecords:
 AREAS = ("all", "small", "medium", "large")
 
 
-def match_records(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int], area: str = "all"
-                  ) -> MatchRecords:
-    """Run pycocotools' ``evaluate()`` once (bbox, its default parameters) on ``image_ids`` and keep,
-    per category, what ``accumulate()`` reads for ``area`` (one of :data:`AREAS`) and 100 detections per image."""
-    return match_records_by_area(coco_gt, results, image_ids)[area]
-
-
 def match_records_by_area(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Sequence[int]
                           ) -> dict[str, MatchRecords]:
-    """:func:`match_records` for every area of :data:`AREAS` from one ``evaluate()``."""
+    """Run pycocotools' ``evaluate()`` once (bbox, its default parameters) on ``image_ids`` and keep, per area
+    of :data:`AREAS` and category, what ``accumulate()`` reads for that area and 100 detections per image."""
     ids = sorted({int(i) for i in image_ids})
     with contextlib.redirect_stdout(io.StringIO()):
         ev = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)) if results else COCO(), iouType="bbox")

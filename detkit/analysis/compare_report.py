@@ -139,7 +139,7 @@ def _resampled_breakdown(records: dict[str, MatchRecords], counts: np.ndarray, n
 def ground_truth_counts(coco_gt: COCO, ids: Sequence[int]) -> dict[str, int]:
     """Non-crowd val boxes per COCO size (``APs``: area under 32^2, ``APm``: up to 96^2, ``APl``) and per
     class name: how much data each breakdown interval rests on."""
-    anns = [a for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=list(ids), iscrowd=False))]
+    anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=list(ids), iscrowd=False))
     sizes = {"APs": sum(int(a["area"] <= 32 ** 2) for a in anns),
              "APm": sum(int(32 ** 2 <= a["area"] <= 96 ** 2) for a in anns),
              "APl": sum(int(a["area"] >= 96 ** 2) for a in anns)}  # COCOeval's ranges (bounds in both)
