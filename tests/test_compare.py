@@ -121,7 +121,8 @@ def test_identity_resample_is_cocoeval_ap(images: int, classes: int, dets: int) 
         got = resampled_ap(match_records_by_area(coco, results, ids)[area], ones)[0]
         assert (np.isnan(got) and stats[stat] == -1) or abs(got - stats[stat]) < 1e-6
     for k, cat_id in enumerate(coco.getCatIds()):  # one class: COCOeval restricted to it
-        assert abs(resampled_ap(match_records_by_area(coco, results, ids)["all"], ones, [k])[0] - cat_ap(coco, results, ids, cat_id)) < 1e-6
+        got = resampled_ap(match_records_by_area(coco, results, ids)["all"], ones, [k])[0]
+        assert abs(got - cat_ap(coco, results, ids, cat_id)) < 1e-6
 
 
 def cat_ap(coco: COCO, results: list[dict], ids: list[int], cat_id: int) -> float:
@@ -146,9 +147,8 @@ def test_report_intervals_match_an_independent_bootstrap(tmp_path: Path) -> None
     resamples, seed = 20, 7
     report = build_report(results, coco, coco.getImgIds(), resamples, seed)
 
-    draws = np.random.default_rng(seed).integers(0, 16, (resamples, 16))  # the documented resampling
-    counts = [np.ones(16, dtype=np.int64), *(np.bincount(row, minlength=16) for row in draws)]
-    seed_mean = {label: np.mean([[literal_ap(gt, runs[label, s], c) for c in counts] for s in range(2)], axis=0)
+    counts = documented_counts(resamples, seed)
+    seed_mean = {label: literal_seed_mean(gt, runs, label, counts)
                  for label in ("worse_boxes", "good_boxes", "worse_again")}
     for label, verdict in (("good_boxes", "better"), ("worse_again", "not distinguishable at this data size")):
         diffs = seed_mean[label] - seed_mean["worse_boxes"]
@@ -169,14 +169,63 @@ def test_report_intervals_match_an_independent_bootstrap(tmp_path: Path) -> None
 
     # the same interval for small boxes and for one class, against the literal bootstrap
     cat_id, name = coco.getCatIds()[0], coco.loadCats(coco.getCatIds()[0])[0]["name"]
-    for key, stat, only in (("APs", 3, None), (name, 0, cat_id)):
-        mean = {label: np.mean([[literal_ap(gt, runs[label, s], c, stat, only) for c in counts] for s in range(2)],
-                               axis=0) for label in ("worse_boxes", "good_boxes")}
-        diffs = mean["good_boxes"] - mean["worse_boxes"]
-        got = report["comparisons"]["good_boxes"]["breakdown"][key]
-        assert got["diff"] == pytest.approx(diffs[0], abs=1e-9)
-        assert [got["low"], got["high"]] == pytest.approx(np.nanpercentile(diffs[1:], [2.5, 97.5]), abs=1e-9)
-        assert report["configs"]["good_boxes"]["breakdown"][key] == pytest.approx(mean["good_boxes"][0], abs=1e-9)
+    for group, key, stat, only in (("by_size", "APs", 3, None), ("by_class", name, 0, cat_id)):
+        assert_breakdown_is_literal(report, group, key, gt, runs, counts, stat, only)
+
+
+def documented_counts(resamples: int, seed: int, images: int = 16) -> list[np.ndarray]:
+    """The identity, then the ``(images,)`` counts of each resample as docs/compare.md describes them."""
+    draws = np.random.default_rng(seed).integers(0, images, (resamples, images))
+    return [np.ones(images, dtype=np.int64), *(np.bincount(row, minlength=images) for row in draws)]
+
+
+def literal_seed_mean(gt: dict, runs: dict, label: str, counts: list[np.ndarray], stat: int = 0,
+                      cat_id: int | None = None) -> np.ndarray:
+    """``(1 + B,)``: :func:`literal_ap` of ``label``'s two seeds on each resample, averaged over the seeds."""
+    return np.mean([[literal_ap(gt, runs[label, s], c, stat, cat_id) for c in counts] for s in range(2)], axis=0)
+
+
+def assert_breakdown_is_literal(report: dict, group: str, key: str, gt: dict, runs: dict, counts: list[np.ndarray],
+                                stat: int, cat_id: int | None) -> dict:
+    """good_boxes against worse_boxes under ``breakdown[group][key]`` equals the literal bootstrap of COCOeval's
+    ``stats[stat]`` (over ``cat_id`` alone if given); returns the comparison's entry."""
+    mean = {label: literal_seed_mean(gt, runs, label, counts, stat, cat_id) for label in ("worse_boxes", "good_boxes")}
+    diffs = mean["good_boxes"] - mean["worse_boxes"]
+    got = report["comparisons"]["good_boxes"]["breakdown"][group][key]
+    assert got["diff"] == pytest.approx(diffs[0], abs=1e-9)
+    assert [got["low"], got["high"]] == pytest.approx(np.nanpercentile(diffs[1:], [2.5, 97.5]), abs=1e-9)
+    assert report["configs"]["good_boxes"]["breakdown"][group][key] == pytest.approx(mean["good_boxes"][0], abs=1e-9)
+    return got
+
+
+def test_a_class_named_like_a_size_keeps_both_intervals(tmp_path: Path) -> None:
+    """A class named "APs": the AP of small boxes and that class's AP each equal the literal bootstrap, apart in
+    report.json (``by_size`` / ``by_class``, also the box counts) and as two columns of the table, sizes first."""
+    gt = {**ground_truth(), "categories": [{"id": 1, "name": "APs"}, {"id": 2, "name": "b"}]}
+    coco = coco_of(gt)
+    runs = {(label, s): detections(gt, jitter, false_positives, seed=first + s)
+            for label, jitter, false_positives, first in (("worse_boxes", 0.12, 12, 10), ("good_boxes", 0.02, 2, 20))
+            for s in range(2)}
+    results = [read_run(label, seed, fake_run(tmp_path / label / str(seed), coco, res))
+               for (label, seed), res in runs.items()]
+    report = build_report(results, coco, coco.getImgIds(), resamples=10, seed=3)
+    counts = documented_counts(10, 3)
+    size = assert_breakdown_is_literal(report, "by_size", "APs", gt, runs, counts, 3, None)
+    cls = assert_breakdown_is_literal(report, "by_class", "APs", gt, runs, counts, 0, 1)
+    assert abs(size["diff"] - cls["diff"]) > 1e-3 and abs(size["low"] - cls["low"]) > 1e-3
+    assert report["ground_truth"] == {"by_size": {"APs": 7, "APm": 28, "APl": 0},  # 1 of the 7 small boxes is "APs"
+                                      "by_class": {"APs": 14, "b": 21}}
+    assert list(report["configs"]["good_boxes"]["breakdown"]["by_size"]) == ["APs", "APm"]  # no large box in val
+
+    table = [line for line in write_report(report, tmp_path / "report")[1].read_text().splitlines()
+             if line.startswith("| ") and "---" not in line][3:]
+    assert table[0] == "| config | APs (7 boxes) | APm (28 boxes) | APs (14 boxes) | b (21 boxes) |"
+    breakdown = report["configs"]["good_boxes"]["breakdown"]
+    assert size["verdict"] == cls["verdict"] == "better"  # bold
+    assert table[2].split(" | ")[1:4:2] == [
+        f"{100 * breakdown[group]['APs']:.1f} "
+        f"(**{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]**)"
+        for group, d in (("by_size", size), ("by_class", cls))]
 
 
 def test_unpaired_seeds_are_refused(tmp_path: Path) -> None:

@@ -31,6 +31,10 @@ from detkit.engine.writers import read_jsonl
 
 VERDICT_COLOURS = {"better": "#2ca02c", "worse": "#d62728"}
 
+#: ``{"by_size": {"APs" | "APm" | "APl": value}, "by_class": {class name: value}}``: apart, so that a class
+#: named like a size keeps its own value (sizes and classes without val boxes left out).
+Breakdown = dict[str, dict[str, Any]]
+
 
 @dataclass
 class RunResult:
@@ -88,15 +92,15 @@ def build_report(runs: Sequence[RunResult], coco_gt: COCO, image_ids: Sequence[i
                                 f"{seeds[labels[0]]}; the comparison pairs runs by seed")
     ids = sorted({int(i) for i in image_ids})
     counts = np.vstack([np.ones((1, len(ids)), dtype=np.int64), resample_counts(len(ids), resamples, seed)])
-    ap = {}  # run -> {"AP" | "APs" | ... | class name: (1 + resamples,) AP on the full val set, then each resample}
+    ap, parts = {}, {}  # run -> (1 + resamples,) AP on the full val set, then each resample; its Breakdown
     for run in runs:
         try:
             results = json.loads(run.results_file.read_text())
         except ValueError as err:  # a run killed while writing it
             raise RunDataError(f"{run.results_file}: not a COCO results json ({err}); to redo that run, delete "
                                 f"{run.work_dir} and run the command again") from None
-        ap[run.work_dir] = _resampled_breakdown(match_records_by_area(coco_gt, results, ids), counts,
-                                                class_names(coco_gt))
+        ap[run.work_dir], parts[run.work_dir] = _resampled_breakdown(
+            match_records_by_area(coco_gt, results, ids), counts, class_names(coco_gt))
     configs = {}
     for label, rs in by_label.items():
         summary = {key: _mean_std([r.metrics.get(key) for r in rs]) for key in SUMMARY_KEYS}
@@ -105,15 +109,17 @@ def build_report(runs: Sequence[RunResult], coco_gt: COCO, image_ids: Sequence[i
                           "per_seed": {**{key: [r.metrics.get(key) for r in rs] for key in SUMMARY_KEYS},
                                        "wall_s": [r.wall_s for r in rs]},
                           "mean": {k: v[0] for k, v in summary.items()}, "std": {k: v[1] for k, v in summary.items()},
-                          "ap_recomputed": [float(ap[r.work_dir]["AP"][0]) for r in rs],
-                          "breakdown": {key: float(np.mean([ap[r.work_dir][key][0] for r in rs]))
-                                        for key in ap[rs[0].work_dir] if key != "AP"}}
+                          "ap_recomputed": [float(ap[r.work_dir][0]) for r in rs],
+                          "breakdown": {group: {key: float(np.mean([parts[r.work_dir][group][key][0] for r in rs]))
+                                                for key in keys} for group, keys in parts[rs[0].work_dir].items()}}
     comparisons = {}
     for label in labels[1:]:
-        diff = {key: paired_difference([ap[r.work_dir][key] for r in by_label[labels[0]]],
-                                       [ap[r.work_dir][key] for r in by_label[label]], level)
-                for key in ap[runs[0].work_dir]}
-        comparisons[label] = {**diff.pop("AP"), "breakdown": diff}
+        base, other = by_label[labels[0]], by_label[label]
+        diff = {group: {key: paired_difference([parts[r.work_dir][group][key] for r in base],
+                                               [parts[r.work_dir][group][key] for r in other], level)
+                        for key in keys} for group, keys in parts[runs[0].work_dir].items()}
+        comparisons[label] = {**paired_difference([ap[r.work_dir] for r in base], [ap[r.work_dir] for r in other],
+                                                  level), "breakdown": diff}
     return {"baseline": labels[0], "labels": labels, "num_images": len(ids), "resamples": resamples,
             "bootstrap_seed": seed, "level": level, "configs": configs, "comparisons": comparisons,
             "ground_truth": ground_truth_counts(coco_gt, ids)}
@@ -125,26 +131,27 @@ def class_names(coco_gt: COCO) -> list[str]:
 
 
 def _resampled_breakdown(records: dict[str, MatchRecords], counts: np.ndarray, names: Sequence[str]
-                         ) -> dict[str, np.ndarray]:
-    """AP (area all), APs, APm, APl and each class's AP (area all) on the full val set and each resample:
-    ``(1 + B,)`` each, from the records of every area and ``counts (1 + B, I)``."""
+                         ) -> tuple[np.ndarray, Breakdown]:
+    """AP (area all) and its :data:`Breakdown` (APs, APm, APl; each class's AP, area all) on the full val set
+    and each resample: ``(1 + B,)`` each, from the records of every area and ``counts (1 + B, I)``."""
     per_class = resampled_category_ap(records["all"], counts)
-    out = {"AP": mean_over_categories(per_class)}
-    for area in AREAS[1:]:
-        out[f"AP{area[0]}"] = resampled_ap(records[area], counts)
-    out.update(zip(names, per_class))
-    return {key: values for key, values in out.items() if not np.isnan(values[0])}  # NaN: no such boxes in val
+    groups = {"by_size": {f"AP{area[0]}": resampled_ap(records[area], counts) for area in AREAS[1:]},
+              "by_class": dict(zip(names, per_class))}
+    return mean_over_categories(per_class), {  # NaN: no such boxes in val
+        group: {key: values for key, values in keyed.items() if not np.isnan(values[0])}
+        for group, keyed in groups.items()}
 
 
-def ground_truth_counts(coco_gt: COCO, ids: Sequence[int]) -> dict[str, int]:
-    """Non-crowd val boxes per COCO size (``APs``: area under 32^2, ``APm``: up to 96^2, ``APl``) and per
-    class name: how much data each breakdown interval rests on."""
+def ground_truth_counts(coco_gt: COCO, ids: Sequence[int]) -> dict[str, dict[str, int]]:
+    """Non-crowd val boxes ``by_size`` (``APs``: area under 32^2, ``APm``: up to 96^2, ``APl``) and ``by_class``
+    (class name): how much data each breakdown interval rests on."""
     anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=list(ids), iscrowd=False))
     sizes = {"APs": sum(int(a["area"] <= 32 ** 2) for a in anns),
              "APm": sum(int(32 ** 2 <= a["area"] <= 96 ** 2) for a in anns),
              "APl": sum(int(a["area"] >= 96 ** 2) for a in anns)}  # COCOeval's ranges (bounds in both)
     cats = dict(zip(coco_gt.getCatIds(), class_names(coco_gt)))
-    return {**sizes, **{name: sum(int(a["category_id"] == cid) for a in anns) for cid, name in cats.items()}}
+    return {"by_size": sizes,
+            "by_class": {name: sum(int(a["category_id"] == cid) for a in anns) for cid, name in cats.items()}}
 
 
 def _pct(mean: float, std: float) -> str:
@@ -195,20 +202,21 @@ def format_markdown(report: dict[str, Any]) -> str:
 def breakdown_table(report: dict[str, Any], max_classes: int = 12) -> list[str]:
     """Markdown lines: per config the seed-mean AP of each object size and class (classes only up to
     ``max_classes``; report.json has them all) and its paired-bootstrap difference to the baseline."""
-    keys = list(report["configs"][report["baseline"]]["breakdown"])
-    if len(keys) > 3 + max_classes:
-        keys = keys[:3]
+    baseline = report["configs"][report["baseline"]]["breakdown"]
+    columns = [("by_size", key) for key in baseline["by_size"]]
+    if len(baseline["by_class"]) <= max_classes:
+        columns += [("by_class", key) for key in baseline["by_class"]]
     level, gt = round(100 * report["level"]), report["ground_truth"]
     lines = ["", f"AP by object size and by class, seed mean, and in brackets the difference to the baseline with its "
              f"{level}% interval (bold where the interval excludes 0); the val boxes each column rests on:", "",
-             "| config | " + " | ".join(f"{key} ({gt.get(key, 0)} boxes)" for key in keys) + " |",
-             "|---|" + "---|" * len(keys)]
+             "| config | " + " | ".join(f"{key} ({gt[group].get(key, 0)} boxes)" for group, key in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for label in report["labels"]:
         cells = []
-        for key in keys:
-            cell = f"{100 * report['configs'][label]['breakdown'][key]:.1f}"
+        for group, key in columns:
+            cell = f"{100 * report['configs'][label]['breakdown'][group][key]:.1f}"
             if label != report["baseline"]:
-                d = report["comparisons"][label]["breakdown"][key]
+                d = report["comparisons"][label]["breakdown"][group][key]
                 diff = f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
                 cell += f" ({f'**{diff}**' if d['verdict'] in VERDICT_COLOURS else diff})"
             cells.append(cell)
