@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from detkit.losses.reduce import WeightedLoss
 from detkit.losses.weights import WeightSchedule
-from detkit.models.necks import FPN
 from detkit.models.teacher import FrozenTeacher, check_distill_terms, teacher_spec
 from detkit.registry import BACKBONES, HEADS, NECKS, ConfigError, config_path
 
@@ -45,26 +44,31 @@ def pad_targets(targets: Sequence[Mapping[str, Tensor]], device: torch.device,
             mask.to(device, non_blocking=True))
 
 
-def check_head_levels(backbone: nn.Module, neck: nn.Module, head: nn.Module) -> None:
-    """A dense head's ``strides`` against the neck's output levels, where both are known: one stride per level
-    (else the first forward fails on a shape), and for an FPN the strides its levels have (the backbone maps',
-    then x2 per extra level): other strides would train without an error, on misplaced points."""
-    strides, levels, maps = (getattr(m, a, None) for m, a in ((head, "strides"), (neck, "num_outs"),
-                                                                (backbone, "strides")))
-    if strides is None or levels is None:
-        return
-    key, where = config_path("head.strides"), f"{config_path('neck')}'s {levels} levels"
-    expected: list[int] | None = None
-    if isinstance(neck, FPN) and maps:
-        maps = list(maps)
-        expected = maps + [maps[-1] * 2 ** i for i in range(1, levels - len(maps) + 1)]
-        where += (f" ({len(maps)} backbone maps, {config_path('backbone.out_indices')}, + {levels - len(maps)} "
-                  f"extra, {config_path('neck.extra_levels')})")
-    fix = f"set {key}: {expected}" if expected else "give one stride per level, finest first"
-    if len(strides) != levels:
-        raise ConfigError(f"{key} has {len(strides)} strides {list(strides)} for {where}; {fix}")
-    if expected and list(strides) != expected:
-        raise ConfigError(f"{key} {list(strides)} are not the strides of {where}, {expected}; {fix}")
+class Strided(Protocol):
+    """A backbone or neck: the strides of its output maps, finest first."""
+
+    strides: Sequence[int]
+
+
+def check_head_levels(backbone: Strided, neck: Strided, head: nn.Module) -> None:
+    """The head's ``strides`` (one per level) or ``stride`` (a one-map head, which reads the neck's last level)
+    against ``neck.strides``, the strides of the neck's outputs: another count fails the first forward on a
+    shape, other strides train without an error on misplaced points. One :class:`ConfigError` saying what to set."""
+    levels: list[int] = list(neck.strides)
+    count = f"{len(levels)} level{'s' if len(levels) != 1 else ''}"
+    where = (f"{config_path('neck')}'s {count}, strides {levels} ({type(neck).__name__} on "
+             f"{config_path('backbone')}'s maps of strides {list(backbone.strides)})")
+    strides, stride = getattr(head, "strides", None), getattr(head, "stride", None)
+    if strides is not None:
+        key = config_path("head.strides")
+        if len(strides) != len(levels):
+            raise ConfigError(f"{key} has {len(strides)} strides {list(strides)} for {where}; set {key}: {levels}")
+        if list(strides) != levels:
+            raise ConfigError(f"{key} {list(strides)} are not the strides of {where}; set {key}: {levels}")
+    elif stride is not None and stride != levels[-1]:
+        key = config_path("head.stride")
+        raise ConfigError(f"{key} {stride} is not the stride of the map the head reads, the last of {where}; "
+                          f"set {key}: {levels[-1]}")
 
 
 class Detector(nn.Module):
@@ -88,7 +92,8 @@ class Detector(nn.Module):
                  pixel_std: Sequence[float] = PIXEL_STD, teacher: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.backbone = BACKBONES.build(backbone, "backbone")
-        self.neck = NECKS.build(neck, "neck", in_channels=self.backbone.out_channels)
+        self.neck = NECKS.build(neck, "neck", in_channels=self.backbone.out_channels,
+                                in_strides=self.backbone.strides)
         self.head = HEADS.build(head, "head", in_channels=self.neck.out_channels)
         check_head_levels(self.backbone, self.neck, self.head)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
