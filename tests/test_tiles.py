@@ -17,7 +17,7 @@ from detkit.data.tiled import crop_boxes
 from detkit.engine.evaluator import evaluate_model
 from detkit.models import build_detector
 from detkit.registry import ConfigError
-from detkit.ops.tiles import TileSettings, merge_tiles, sliced_predict, tile_grid, whole_image_pass
+from detkit.ops.tiles import TileSettings, add_new_objects, merge_tiles, sliced_predict, tile_grid, whole_image_pass
 from tests.cli_runner import run_main, tiny_shapes
 
 TILES_CONFIG = "configs/fcos/fcos_r18_fpn_shapes_tiles.yaml"
@@ -98,6 +98,37 @@ def test_whole_image_pass_is_the_whole_image_prediction_or_fits_one_tile() -> No
         TileSettings.parse({"size": 128, "cut_margin": -1})
     with pytest.raises(ConfigError, match="full_image must be true"):
         TileSettings.parse({"size": 128, "full_image": "yes"})
+
+
+def test_full_image_first_keeps_the_whole_image_boxes_and_adds_what_only_tiles_find() -> None:
+    whole = {"boxes": torch.tensor([[10.0, 10, 50, 50], [100, 10, 140, 50]]), "scores": torch.tensor([0.6, 0.5]),
+             "labels": torch.tensor([0, 1])}
+    # a better-scoring tile view of the first object (IoU 0.83), the second object's box with another label,
+    # and an object the whole-image pass missed
+    tiles = {"boxes": torch.tensor([[12.0, 12, 52, 52], [100, 10, 140, 50], [200, 200, 210, 210]]),
+             "scores": torch.tensor([0.9, 0.8, 0.3]), "labels": torch.tensor([0, 0, 1])}
+    out = add_new_objects(whole, tiles, iou_thr=0.5, max_det=100)
+    assert out["boxes"].tolist() == [[100, 10, 140, 50], [10, 10, 50, 50], [100, 10, 140, 50], [200, 200, 210, 210]]
+    assert out["scores"].tolist() == pytest.approx([0.8, 0.6, 0.5, 0.3]) and out["labels"].tolist() == [0, 0, 1, 1]
+    assert add_new_objects(whole, tiles, iou_thr=0.5, max_det=2)["scores"].tolist() == pytest.approx([0.8, 0.6])
+    # end to end: the shifted, higher-scoring view of a tile loses to the whole-image box only with the option
+    image = torch.zeros(3, 160, 256, dtype=torch.uint8)
+    image[:, 40:56, 100:116] = 255
+
+    def tile_views_shifted(images: torch.Tensor, sizes: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        out = bright_box(images, sizes)
+        for det, (h, w) in zip(out, sizes.tolist()):
+            if (h, w) != (160, 256):  # a tile: its box 1 px to the right, scoring higher
+                det["boxes"] += torch.tensor([1.0, 0, 1, 0])
+                det["scores"] = det["scores"] + 1
+        return out
+
+    plain = sliced_predict(tile_views_shifted, image, TileSettings(size=128, overlap=32, full_image=True))
+    first = sliced_predict(tile_views_shifted, image, TileSettings(size=128, overlap=32, full_image=True,
+                                                                  full_image_first=True))
+    assert plain["boxes"].tolist() == [[101, 40, 117, 56]] and first["boxes"].tolist() == [[100, 40, 116, 56]]
+    with pytest.raises(ConfigError, match="full_image_first must be true or false, and true only with full_image"):
+        TileSettings.parse({"size": 128, "full_image": False, "full_image_first": True})
 
 
 def test_sliced_eval_equals_whole_image_eval_when_one_tile_covers_the_image(tmp_path: Path) -> None:

@@ -16,6 +16,12 @@ of all tiles (and of the whole image, with ``full_image``) are moved to image pi
   It recovers objects larger than the overlap, which no tile sees whole; but the union also grows a
   precise small box to any sloppier larger box around it (the whole-image pass), and two touching objects
   of one class can become one, so it is not the default.
+
+With ``full_image_first`` the whole-image pass is not merged with the tiles on equal terms: its detections are
+kept as they are, the tiles' (merged among themselves) only add objects it did not find (no whole-image box of
+their class at IoU >= ``iou_thr``). For a model trained on whole images, sliced inference is then the
+whole-image prediction plus what the tiles see in addition: a tile's view of an object the whole pass found
+(often scoring higher, its box no better) cannot replace the whole-image box.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, box_iou
 
 from detkit.registry import ConfigError, check_keys
 
@@ -112,6 +118,17 @@ def merge_tiles(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thr: float = 
     return {"boxes": merged.to(boxes.dtype), "scores": scores[keep], "labels": labels[keep]}
 
 
+def add_new_objects(first: dict[str, Tensor], extra: dict[str, Tensor], iou_thr: float, max_det: int
+                    ) -> dict[str, Tensor]:
+    """``first``'s detections as they are, plus those of ``extra`` that overlap no box of ``first`` with their label
+    at IoU >= ``iou_thr``; the best ``max_det`` by score. Both ``{"boxes" (n, 4), "scores" (n,), "labels" (n,)}``."""
+    same = box_iou(extra["boxes"].float(), first["boxes"].float()) >= iou_thr
+    seen = (same & (extra["labels"][:, None] == first["labels"][None, :])).any(dim=1)
+    joined = {k: torch.cat([first[k], extra[k][~seen]]) for k in ("boxes", "scores", "labels")}
+    best = joined["scores"].argsort(descending=True, stable=True)[:max_det]
+    return {k: v[best] for k, v in joined.items()}
+
+
 @dataclass
 class TileSettings:
     """Sliced inference: ``size`` tile side (pixels), ``overlap`` (fraction of ``size`` or pixels),
@@ -119,7 +136,8 @@ class TileSettings:
     prediction; ``"fit"`` resized to fit one tile, for a model trained on tiles; ``false`` tiles only),
     ``merge`` (``nms`` | ``nmm``) at ``iou_thr``, ``max_det`` detections per image (COCO scores 100),
     ``batch_size`` tiles per forward, ``cut_margin``: a tile's box within that many pixels of a tile edge
-    inside the image is a cut view of a larger object and is dropped (0: kept)."""
+    inside the image is a cut view of a larger object and is dropped (0: kept); ``full_image_first``: the
+    whole-image pass's boxes are kept and the tiles only add objects it did not find (see the module docstring)."""
 
     size: int
     overlap: int | float = 0.2
@@ -129,6 +147,7 @@ class TileSettings:
     max_det: int = 100
     batch_size: int = 16
     cut_margin: int = 0
+    full_image_first: bool = False
 
     @classmethod
     def parse(cls, value: Any, key: str = "tiles") -> "TileSettings | None":
@@ -146,6 +165,9 @@ class TileSettings:
         if not isinstance(s.full_image, bool) and s.full_image != "fit":
             raise ConfigError(f"{key}.full_image must be true (the whole image as given), fit (resized to one tile) "
                               f"or false, got {s.full_image!r}")
+        if not isinstance(s.full_image_first, bool) or (s.full_image_first and not s.full_image):
+            raise ConfigError(f"{key}.full_image_first must be true or false, and true only with full_image (true or "
+                              f"fit), got {s.full_image_first!r} with full_image {s.full_image!r}")
         if s.merge not in MERGE_MODES:
             raise ConfigError(f"{key}.merge must be one of {', '.join(MERGE_MODES)}, got {s.merge!r}")
         if isinstance(s.iou_thr, bool) or not isinstance(s.iou_thr, (int, float)) or not 0.0 < s.iou_thr <= 1.0:
@@ -210,9 +232,14 @@ def sliced_predict(predict: PredictFn, image: Tensor, tiles: TileSettings, size_
             if tiles.cut_margin:
                 det = drop_cut_views(det, tile, height, width, tiles.cut_margin)
             parts.append({**det, "boxes": det["boxes"] + det["boxes"].new_tensor([tile[0], tile[1]] * 2)})
-    if tiles.full_image and len(grid) > 1:  # more than one tile: the image is larger than a tile
-        parts.append(whole_image_pass(predict, image, tiles.size if tiles.full_image == "fit" else None, size_divisor))
-    if len(parts) == 1:
-        return parts[0]
     merged = {k: torch.cat([p[k] for p in parts]) for k in ("boxes", "scores", "labels")}
+    if tiles.full_image and len(grid) > 1:  # more than one tile: the image is larger than a tile
+        whole = whole_image_pass(predict, image, tiles.size if tiles.full_image == "fit" else None, size_divisor)
+        if tiles.full_image_first:
+            seen = merge_tiles(merged["boxes"], merged["scores"], merged["labels"], tiles.iou_thr, tiles.merge,
+                               tiles.max_det)
+            return add_new_objects(whole, seen, tiles.iou_thr, tiles.max_det)
+        merged = {k: torch.cat([merged[k], whole[k]]) for k in merged}
+    elif len(parts) == 1:  # one tile covers the image: the model's own output
+        return parts[0]
     return merge_tiles(merged["boxes"], merged["scores"], merged["labels"], tiles.iou_thr, tiles.merge, tiles.max_det)
