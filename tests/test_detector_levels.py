@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from detkit.models import build_detector
-from detkit.registry import ConfigError
+from detkit.registry import NECKS, ConfigError
 from tests.cli_runner import tiny_shapes
 from tests.test_safety_config import FCOS_CFG, fails
 
@@ -62,3 +63,15 @@ def test_necks_report_the_strides_of_their_outputs():
     with pytest.raises(ConfigError, match=r"^model.neck.channels has 3 up-sampling stages: the coarsest backbone map "
                                           r"\(stride 4\) would end at stride 0.5, not a whole pixel; give fewer"):
         build_detector(centernet({**neck, "channels": [8, 8, 8]}, [0], stride=4))
+
+
+def test_a_neck_that_reports_no_strides_is_named(monkeypatch):
+    class NoStridesNeck(torch.nn.Module):  # a user's neck that ignores the contract
+        def __init__(self, in_channels, in_strides):
+            super().__init__()
+            self.out_channels = in_channels[-1]
+
+    monkeypatch.setitem(NECKS._entries, "NoStridesNeck", NoStridesNeck)  # registered for this test only
+    with pytest.raises(ConfigError, match=r"^model.neck \(NoStridesNeck\) does not report the strides of its "
+                                          r"outputs: a neck sets self.strides"):
+        build_detector(centernet({"type": "NoStridesNeck"}, [3], stride=32))

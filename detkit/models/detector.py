@@ -54,6 +54,10 @@ def check_head_levels(backbone: Strided, neck: Strided, head: nn.Module) -> None
     """The head's ``strides`` (one per level) or ``stride`` (a one-map head, which reads the neck's last level)
     against ``neck.strides``, the strides of the neck's outputs: another count fails the first forward on a
     shape, other strides train without an error on misplaced points. One :class:`ConfigError` saying what to set."""
+    if not isinstance(getattr(neck, "strides", None), Sequence):
+        raise ConfigError(f"{config_path('neck')} ({type(neck).__name__}) does not report the strides of its outputs: "
+                          f"a neck sets self.strides, finest first, from the in_strides it is built with "
+                          f"(docs/architecture.md section 4)")
     levels: list[int] = list(neck.strides)
     count = f"{len(levels)} level{'s' if len(levels) != 1 else ''}"
     where = (f"{config_path('neck')}'s {count}, strides {levels} ({type(neck).__name__} on "
