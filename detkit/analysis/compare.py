@@ -1,10 +1,13 @@
 """``python -m detkit compare`` (``tools/compare.py``): configs x variants x seeds, one ordinary training run
-each under ``OUT/runs/<config>[-<variant>]/seed<k>``, then the report of :mod:`detkit.analysis.compare_report`.
+each under ``OUT/runs/<config>[-<variant>]/seed<k>``, then (``--eval-variants``) every run's final weights
+evaluated again with other evaluation settings (:mod:`detkit.analysis.compare_eval`), then the report of
+:mod:`detkit.analysis.compare_report`.
 
 Everything is validated before the first run starts: the arguments, every config with its ``--set`` and
 variant overrides (the checks the ``train`` command makes before it writes), the val set (the same
-images and annotations for every config: the comparison is paired) and the configs of runs already in
-``OUT`` (a run made with other settings is never reused).
+images and annotations for every config: the comparison is paired), the configs of runs already in
+``OUT`` (a run made with other settings is never reused) and the eval variants (evaluation keys only; an
+evaluation already there was made with the same overrides).
 """
 
 from __future__ import annotations
@@ -18,6 +21,12 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from detkit.analysis.compare_eval import (
+    Evaluate,
+    plan_evaluations,
+    report_order,
+    run_evaluations,
+)
 from detkit.analysis.compare_report import (
     build_report,
     last_evaluation,
@@ -35,6 +44,7 @@ from detkit.config import import_modules, load_config
 from detkit.data import build_dataset
 from detkit.engine.checkpoint import CheckpointError, load_checkpoint
 from detkit.engine.plan import check_train_config
+from detkit.engine.runner import evaluate_checkpoint
 from detkit.engine.settings import TrainSettings
 from detkit.models import build_detector
 from detkit.registry import ConfigError
@@ -42,23 +52,24 @@ from detkit.registry import ConfigError
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 
 
-def parse_variants(items: list[str]) -> list[tuple[str, tuple[str, ...]]]:
+def parse_variants(items: list[str], option: str = "--variants") -> list[tuple[str, tuple[str, ...]]]:
     """``["NAME: k=v k=v", ...]`` -> ``[(NAME, (k=v, ...)), ...]`` (shell quoting for values with spaces:
-    ``"ema: 'train.ema={decay: 0.999}'"``); no items: one unnamed variant."""
+    ``"ema: 'train.ema={decay: 0.999}'"``); no items: one unnamed variant. ``option`` names the argument
+    in the messages."""
     variants = []
     for item in items:
         name, sep, rest = item.partition(":")
         try:
             name, overrides = name.strip(), tuple(shlex.split(rest))
         except ValueError as err:
-            raise ConfigError(f"--variants {item!r}: {err}") from None
+            raise ConfigError(f"{option} {item!r}: {err}") from None
         if not sep or not NAME.match(name) or not overrides or not all("=" in o for o in overrides):
-            raise ConfigError(f"--variants {item!r}: expected \"NAME: key=value [key=value ...]\" with NAME made of "
+            raise ConfigError(f"{option} {item!r}: expected \"NAME: key=value [key=value ...]\" with NAME made of "
                               f"letters, digits, _ . - + =")
         variants.append((name, overrides))
     names = [n for n, _ in variants]
     if len(set(names)) < len(names):
-        raise ConfigError(f"--variants: the names must differ, got {names}")
+        raise ConfigError(f"{option}: the names must differ, got {names}")
     return variants or [("", ())]
 
 
@@ -199,11 +210,15 @@ def finished(run: Run, cfg: dict[str, Any]) -> bool:
     return bool(state.get("stop_reason")) and int(state.get("epoch", -1)) == int(record.get("epoch", 0))
 
 
-def compare(args: argparse.Namespace, launcher: Launcher = subprocess_launcher) -> int:
-    """The ``compare`` command: validate, run what is missing (of this shard), report when all runs are done."""
+def compare(args: argparse.Namespace, launcher: Launcher = subprocess_launcher,
+            evaluate: Evaluate = evaluate_checkpoint) -> int:
+    """The ``compare`` command: validate, run what is missing (of this shard), when all runs are done (and
+    without ``--shard``) evaluate the eval variants, then report."""
     first, count = parse_shard(args.shard)
     devices = parse_devices(args.devices)
     runs, cfgs, dataset = plan(args)
+    evals = plan_evaluations(parse_variants(args.eval_variants, "--eval-variants") if args.eval_variants else [],
+                             runs, cfgs)
     out = Path(args.out)
     mine = runs[first::count]
     todo = [r for r in mine if not finished(r, cfgs[r.label])]
@@ -229,10 +244,17 @@ def compare(args: argparse.Namespace, launcher: Launcher = subprocess_launcher) 
         print(f"{len(runs) - len(pending)} of {len(runs)} runs finished; the report is written when all are "
               f"(after the other shards, or run the command without --shard)", flush=True)
         return 0
+    if evals and count > 1:  # two shards finishing together would evaluate into the same folders
+        print(f"all {len(runs)} runs finished; run the command without --shard for the --eval-variants "
+              f"evaluations and the report", flush=True)
+        return 0
     results = [read_run(r.label, r.seed, r.work_dir, recorded_wall(out / "logs", r)) for r in runs]
-    order = {label: i for i, label in enumerate(cfgs)}  # the baseline first, as given
+    results += run_evaluations(evals, evaluate)
+    order = report_order(list(cfgs), evals)  # the baseline first, as given; each config's eval variants after it
     results.sort(key=lambda r: (order[r.label], r.seed))
     report = build_report(results, dataset.coco, dataset.ids, args.bootstrap, args.bootstrap_seed)
+    if evals:
+        report["eval_variants"] = {e.name: list(e.overrides) for e in evals}
     paths = write_report(report, out)
     print((out / "report.md").read_text(), flush=True)
     print("wrote " + ", ".join(map(str, paths)), flush=True)

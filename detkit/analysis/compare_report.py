@@ -196,6 +196,10 @@ def format_markdown(report: dict[str, Any]) -> str:
             d = report["comparisons"][label]
             cells += [f"{100 * d['diff']:+.2f} [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]", d["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
+    if report.get("eval_variants"):
+        lines += ["", "Rows `<config>@<NAME>`: the final weights of that config's runs evaluated again with these "
+                  "overrides (their wall time: the evaluations'): " + "; ".join(
+                      f"{name}: `{' '.join(overrides)}`" for name, overrides in report["eval_variants"].items())]
     return "\n".join(lines + breakdown_table(report)) + "\n"
 
 

@@ -78,6 +78,10 @@ def add_compare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--variants", nargs="+", action="extend", default=[], metavar='"NAME: K=V ..."',
                    help='named override sets, each run for every config, e.g. "fp32: train.amp=null" '
                         '"bf16: train.amp=bf16"')
+    p.add_argument("--eval-variants", nargs="+", action="extend", default=[], metavar='"NAME: K=V ..."',
+                   help="named eval.* / train.amp override sets: every run's final weights evaluated again with "
+                        "each, a row <config>@NAME, e.g. \"sliced: 'eval.tiles={size: 256, overlap: 64, "
+                        "full_image: true}'\" (after all runs finished, not with --shard)")
     p.add_argument("--out", required=True, help="folder for runs/, logs/ and report.{md,json,png}")
     p.add_argument("--devices", default=None, metavar="0,1,...",
                    help="GPUs: one run per GPU at a time, in parallel (CUDA_VISIBLE_DEVICES per run)")
