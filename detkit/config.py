@@ -127,9 +127,10 @@ def apply_override(cfg: dict, item: str) -> None:
             node = node[int(key)]
             continue
         if not isinstance(node, dict):
-            parent = ".".join(keys[:depth])
-            raise ConfigError(f"override '{item}': '{parent}' is a {type(node).__name__}, "
-                              f"not a section with keys")
+            parent, rest = ".".join(keys[:depth]), ".".join(keys[depth:])
+            whole = f"; set it whole: {parent}={{{rest.split('.')[0]}: ...}}" if node is None else ""
+            raise ConfigError(f"override '{item}': '{parent}' is {'null' if node is None else f'the value {node!r}'}, "
+                              f"not a section with keys{whole}")
         if key not in node:
             may_create = (last and "type" in node) or (depth == 0 and key in SECTIONS)
             if not may_create:

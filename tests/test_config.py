@@ -71,11 +71,19 @@ def test_override_list_index(tmp_path):
     ("train.epocs=3", "unknown key 'train.epocs'. Did you mean 'epochs'"),
     ("model.head.losses.bbxo.type=IoULoss", "unknown key 'model.head.losses.bbxo'. Did you mean 'bbox'"),
     ("train.epochs", "must look like key.path=VALUE"),
-    ("train.epochs.x=1", "'train.epochs' is a int"),
+    ("train.epochs.x=1", "'train.epochs' is the value 2, not a section with keys"),
 ])
 def test_bad_override_is_an_error_with_did_you_mean(tree, item, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         load_config(tree / "exp/child.yaml", [item])
+
+
+def test_override_into_a_null_section_says_to_set_it_whole(tmp_path):
+    path = write(tmp_path / "c.yaml", "eval:\n  tiles: null\n")
+    with pytest.raises(ConfigError, match=r"^override 'eval.tiles.size=512': 'eval.tiles' is null, not a section with "
+                                          r"keys; set it whole: eval.tiles=\{size: ...\}$"):
+        load_config(path, ["eval.tiles.size=512"])
+    assert load_config(path, ["eval.tiles={size: 512}"])["eval"]["tiles"] == {"size": 512}
 
 
 def test_override_may_create_known_top_level_section(tree):
