@@ -44,6 +44,7 @@ from detkit.config import import_modules, load_config
 from detkit.data import build_dataset
 from detkit.engine.checkpoint import CheckpointError, load_checkpoint
 from detkit.engine.plan import check_train_config
+from detkit.engine.run_log import setup_logging
 from detkit.engine.runner import evaluate_checkpoint
 from detkit.engine.settings import TrainSettings
 from detkit.models import build_detector
@@ -214,6 +215,7 @@ def compare(args: argparse.Namespace, launcher: Launcher = subprocess_launcher,
             evaluate: Evaluate = evaluate_checkpoint) -> int:
     """The ``compare`` command: validate, run what is missing (of this shard), when all runs are done (and
     without ``--shard``) evaluate the eval variants, then report."""
+    setup_logging(None, 0)  # planning builds the val set (its generation logs): to this process's stderr
     first, count = parse_shard(args.shard)
     devices = parse_devices(args.devices)
     runs, cfgs, dataset = plan(args)
