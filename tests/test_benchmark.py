@@ -213,3 +213,18 @@ def test_fused_optimizer_is_default_but_not_with_foreach():
     assert fused_optimizer_spec({"type": "AdamW", "fused": False})["fused"] is False
     assert "fused" not in fused_optimizer_spec({"type": "AdamW", "foreach": True})  # torch refuses both
     assert "fused" not in fused_optimizer_spec({"type": "RMSprop"})
+
+
+NO_CUDA = not torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(NO_CUDA, reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_assigner_benchmark_agrees_with_references_on_each_device(device):
+    """Every batched assigner equals its per-image reference on the device's tensors, and is timed against it
+    (the ATSS reference built its indices on the CPU: the first GPU run of the section stopped there)."""
+    from detkit.bench.peers import bench_assigners
+
+    rows = bench_assigners(torch.device(device), [(96, 128)], 2, 3, 1)
+    assert [r["assigner"] for r in rows] == ["FCOS", "ATSS", "TaskAligned", "SimOTA", "CenterNet"]
+    assert all(r["detkit"] > 0 and r["reference"] > 0 for r in rows)

@@ -87,8 +87,8 @@ def per_image_atss_assign(priors: Priors, boxes: Tensor, labels: Tensor, mask: T
     for img_boxes, img_labels, img_mask in zip(boxes, labels, mask):
         gt, lab = img_boxes[img_mask], img_labels[img_mask]
         if not len(gt):
-            out_labels.append(torch.full((len(anchors),), num_classes))
-            out_boxes.append(torch.zeros(len(anchors), 4))
+            out_labels.append(torch.full((len(anchors),), num_classes, device=anchors.device))
+            out_boxes.append(torch.zeros(len(anchors), 4, device=anchors.device))
             continue
         ious = box_iou(anchors, gt)  # (P, g)
         dist = torch.cdist(priors.points, (gt[:, :2] + gt[:, 2:]) / 2, compute_mode="donot_use_mm_for_euclid_dist")
@@ -99,7 +99,7 @@ def per_image_atss_assign(priors: Priors, boxes: Tensor, labels: Tensor, mask: T
         inside = box_distance_encode(priors.points[cand], gt[None]).amin(-1) > 0.01
         overlaps = torch.full_like(ious, -math.inf)
         keep = positive & inside
-        cols = torch.arange(len(gt)).expand_as(cand)
+        cols = torch.arange(len(gt), device=gt.device).expand_as(cand)
         overlaps[cand[keep], cols[keep]] = ious[cand[keep], cols[keep]]
         best, index = overlaps.max(1)
         pos = best > -math.inf
