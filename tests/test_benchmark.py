@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from detkit.bench.peers import bench_assigners
 from detkit.bench.split import PartTimer
 from detkit.config import load_config
 from detkit.engine.compiled_step import CompiledLoss, bucket_images, bucket_targets
@@ -223,8 +224,6 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(NO_CUDA, reason=
 def test_assigner_benchmark_agrees_with_references_on_each_device(device):
     """Every batched assigner equals its per-image reference on the device's tensors, and is timed against it
     (the ATSS reference built its indices on the CPU: the first GPU run of the section stopped there)."""
-    from detkit.bench.peers import bench_assigners
-
     rows = bench_assigners(torch.device(device), [(96, 128)], 2, 3, 1)
     assert [r["assigner"] for r in rows] == ["FCOS", "ATSS", "TaskAligned", "SimOTA", "CenterNet"]
     assert all(r["detkit"] > 0 and r["reference"] > 0 for r in rows)
