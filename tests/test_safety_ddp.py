@@ -3,6 +3,7 @@ step-count check, in one process (fast) and through torchrun with 2 gloo process
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import pytest
 import torch.distributed as dist
 from torch import nn
 
+from detkit.cli.errors import run_guarded
+from detkit.engine import watchdog
 from detkit.engine.hooks import StallWatchdogHook, build_hooks
 from detkit.engine.hooks import watchdog as watchdog_hook
 from detkit.engine.settings import TrainSettings
@@ -47,7 +50,10 @@ def test_watchdog_names_the_rank_that_is_not_in_a_collective(tmp_path):
     waiting = os.path.join("site-packages", "torch", "distributed", "distributed_c10d.py")
     ranks = [threading.Thread(target=blocked, args=(release, waiting), daemon=True),
              threading.Thread(target=blocked, args=(release,), daemon=True)]
-    dogs = [StallWatchdog(store, r, 2, 1.0, tmp_path, watched=t, exit=exits.append) for r, t in enumerate(ranks)]
+    def exit(code: int) -> None:
+        exits.append((code, watchdog.STOPPING.is_set()))
+
+    dogs = [StallWatchdog(store, r, 2, 1.0, tmp_path, watched=t, exit=exit) for r, t in enumerate(ranks)]
     start = time.monotonic()
     for dog, thread in zip(dogs, ranks):
         dog.progress(1, "in step 2")
@@ -59,13 +65,32 @@ def test_watchdog_names_the_rank_that_is_not_in_a_collective(tmp_path):
     release.set()
     for dog in dogs:
         dog.stop()
-    assert exits == [1, 1] and elapsed < 1.0 + 0.5  # within train.ddp_timeout, plus thread scheduling slack
+    assert [code for code, _ in exits] == [1, 1] and elapsed < 1.0 + 0.5  # within ddp_timeout, plus scheduling slack
+    assert exits[0][1]  # set while stopping (one event per process: these two threads share it)
     for r in (0, 1):
         text = (tmp_path / f"stall_rank{r}.txt").read_text()
         assert text.startswith("rank 1 stalled: no progress for")
         assert "rank 1: in step 2, not in a collective, last finished step 1" in text
         assert "rank 0: in step 2, waiting in a collective, last finished step 1" in text
         assert f"Python stacks of rank {r}" in text and "in blocked" in text  # faulthandler's dump
+    assert not watchdog.STOPPING.is_set()  # cleared when the (test's) exit returns
+
+
+def test_an_error_from_a_collective_the_stall_stop_broke_prints_no_traceback(monkeypatch, capsys):
+    """The first rank to leave breaks the others' collective ("Connection closed by peer") before their
+    watchdog exits: the CLI leaves the exit to the watchdog instead of printing that error's traceback."""
+    def broken_collective(args):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer")
+
+    monkeypatch.setattr(watchdog, "EXIT_WAIT", 0.01)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):  # a bug's traceback otherwise
+        run_guarded(broken_collective, argparse.Namespace())
+    watchdog.STOPPING.set()  # as StallWatchdog._abort does
+    try:
+        assert run_guarded(broken_collective, argparse.Namespace()) == 1
+    finally:
+        watchdog.STOPPING.clear()
+    assert capsys.readouterr().err == ""
 
 
 def test_stall_report_names_silent_ranks_and_mismatched_collectives():

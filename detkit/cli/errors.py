@@ -11,6 +11,7 @@ from detkit.analysis import AnalysisError, RunDataError
 from detkit.data.annotations import DatasetError
 from detkit.engine.checkpoint import CheckpointError
 from detkit.engine.hooks.nan_guard import NonFiniteLossError
+from detkit.engine.watchdog import stopping_the_run
 from detkit.export import ExportError
 from detkit.registry import ConfigError
 
@@ -39,6 +40,8 @@ def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     try:
         return func(args)
     except Exception as err:
+        if stopping_the_run():  # a collective broken by the stall stop: the watchdog reported it and exits
+            return 1
         code = exit_code(err)
         if code is None:
             raise

@@ -37,6 +37,21 @@ LIMIT_FRACTION = 0.8
 #: A rank whose record has not changed for this many intervals is not responding (dead, or a
 #: C call holding the GIL so that its watchdog thread cannot run).
 SILENT_INTERVALS = 4
+#: Set in a process whose watchdog is stopping the run. The first rank to leave closes its sockets, so a
+#: collective the others are blocked in raises ("Connection closed by peer") before their own watchdog
+#: exits: that error is a consequence of the stall, not a second fault, and must not print a traceback.
+STOPPING = threading.Event()
+#: How long :func:`stopping_the_run` leaves the watchdog to end the process (it needs a few seconds at most).
+EXIT_WAIT = 30.0
+
+
+def stopping_the_run() -> bool:
+    """False when no watchdog is stopping this process; otherwise leave the exit to it: block up to
+    :data:`EXIT_WAIT` seconds (its ``os._exit`` ends the process first) and return True."""
+    if not STOPPING.is_set():
+        return False
+    time.sleep(EXIT_WAIT)
+    return True
 
 
 def in_collective(frame: FrameType | None) -> bool:
@@ -158,6 +173,7 @@ class StallWatchdog:
 
     def _abort(self, message: str, decider: bool) -> None:
         """Write this rank's stacks, say why, wait (briefly) for the other ranks' dumps, exit 1."""
+        STOPPING.set()
         # armed first: a hung file system or a logging lock held by the stalled main thread must not
         # keep this thread from ending the process (faulthandler's timer dumps the stacks to stderr)
         faulthandler.dump_traceback_later(max(10.0, 4 * SILENT_INTERVALS * self.interval), exit=True)
@@ -190,3 +206,4 @@ class StallWatchdog:
                 pass
         self.exit(1)
         faulthandler.cancel_dump_traceback_later()  # reached only with an exit that returns (the tests')
+        STOPPING.clear()
