@@ -13,7 +13,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detkit.analysis.bootstrap import match_records_by_area, resampled_ap
+from detkit.analysis.bootstrap import match_records_by_area, paired_difference, resample_seeds, resampled_ap
 from detkit.analysis.compare import compare
 from detkit.analysis.compare_report import (
     RunResult,
@@ -147,8 +147,8 @@ def test_report_intervals_match_an_independent_bootstrap(tmp_path: Path) -> None
     resamples, seed = 20, 7
     report = build_report(results, coco, coco.getImgIds(), resamples, seed)
 
-    counts = documented_counts(resamples, seed)
-    seed_mean = {label: literal_seed_mean(gt, runs, label, counts)
+    counts, draws = documented_counts(resamples, seed), documented_seed_draws(resamples, seed)
+    seed_mean = {label: literal_seed_mean(gt, runs, label, counts, draws)
                  for label in ("worse_boxes", "good_boxes", "worse_again")}
     for label, verdict in (("good_boxes", "better"), ("worse_again", "not distinguishable at this data size")):
         diffs = seed_mean[label] - seed_mean["worse_boxes"]
@@ -170,7 +170,22 @@ def test_report_intervals_match_an_independent_bootstrap(tmp_path: Path) -> None
     # the same interval for small boxes and for one class, against the literal bootstrap
     cat_id, name = coco.getCatIds()[0], coco.loadCats(coco.getCatIds()[0])[0]["name"]
     for group, key, stat, only in (("by_size", "APs", 3, None), ("by_class", name, 0, cat_id)):
-        assert_breakdown_is_literal(report, group, key, gt, runs, counts, stat, only)
+        assert_breakdown_is_literal(report, group, key, gt, runs, counts, draws, stat, only)
+
+
+def test_a_gain_that_one_seed_reverses_is_not_distinguishable() -> None:
+    """Seed 0 gains 1.0 AP on every resample of the images, seed 1 loses 0.5: the images alone call the
+    mean gain of 0.25 better; resampling the seeds too shows that the gain depends on the seed."""
+    noise = np.random.default_rng(0).normal(0, 0.01, (2, 201))
+    base = [np.zeros(201), np.zeros(201)]
+    other = [1.0 + noise[0], -0.5 + noise[1]]
+    images_only = paired_difference(base, other)
+    assert images_only["verdict"] == "better" and images_only["low"] > 0.2
+    both = paired_difference(base, other, seed_draws=resample_seeds(2, 200, 0))
+    assert both["diff"] == pytest.approx(images_only["diff"]) and both["verdict"].startswith("not distinguishable")
+    assert both["low"] < -0.4 and both["high"] > 0.9  # the all-seed-1 and all-seed-0 resamples
+    steady = paired_difference(base, [0.25 + noise[0], 0.25 + noise[1]], seed_draws=resample_seeds(2, 200, 0))
+    assert steady["verdict"] == "better"  # the same mean gain on both seeds stays a gain
 
 
 def documented_counts(resamples: int, seed: int, images: int = 16) -> list[np.ndarray]:
@@ -179,17 +194,26 @@ def documented_counts(resamples: int, seed: int, images: int = 16) -> list[np.nd
     return [np.ones(images, dtype=np.int64), *(np.bincount(row, minlength=images) for row in draws)]
 
 
-def literal_seed_mean(gt: dict, runs: dict, label: str, counts: list[np.ndarray], stat: int = 0,
-                      cat_id: int | None = None) -> np.ndarray:
-    """``(1 + B,)``: :func:`literal_ap` of ``label``'s two seeds on each resample, averaged over the seeds."""
-    return np.mean([[literal_ap(gt, runs[label, s], c, stat, cat_id) for c in counts] for s in range(2)], axis=0)
+def documented_seed_draws(resamples: int, seed: int, seeds: int = 2) -> np.ndarray:
+    """``(B, seeds)``: the seeds each resample averages over, as docs/compare.md describes them."""
+    return np.random.default_rng((seed, 1)).integers(0, seeds, (resamples, seeds))
+
+
+def literal_seed_mean(gt: dict, runs: dict, label: str, counts: list[np.ndarray], draws: np.ndarray,
+                      stat: int = 0, cat_id: int | None = None) -> np.ndarray:
+    """``(1 + B,)``: :func:`literal_ap` of ``label``'s two seeds averaged on the full set, then on resample
+    ``b`` the mean over the seeds ``draws[b - 1]`` (with repeats) of their AP on that resample."""
+    per_seed = [[literal_ap(gt, runs[label, s], c, stat, cat_id) for c in counts] for s in range(2)]
+    return np.array([(per_seed[0][0] + per_seed[1][0]) / 2,
+                     *(np.mean([per_seed[s][b + 1] for s in row]) for b, row in enumerate(draws))])
 
 
 def assert_breakdown_is_literal(report: dict, group: str, key: str, gt: dict, runs: dict, counts: list[np.ndarray],
-                                stat: int, cat_id: int | None) -> dict:
+                                draws: np.ndarray, stat: int, cat_id: int | None) -> dict:
     """good_boxes against worse_boxes under ``breakdown[group][key]`` equals the literal bootstrap of COCOeval's
     ``stats[stat]`` (over ``cat_id`` alone if given); returns the comparison's entry."""
-    mean = {label: literal_seed_mean(gt, runs, label, counts, stat, cat_id) for label in ("worse_boxes", "good_boxes")}
+    mean = {label: literal_seed_mean(gt, runs, label, counts, draws, stat, cat_id)
+            for label in ("worse_boxes", "good_boxes")}
     diffs = mean["good_boxes"] - mean["worse_boxes"]
     got = report["comparisons"]["good_boxes"]["breakdown"][group][key]
     assert got["diff"] == pytest.approx(diffs[0], abs=1e-9)
@@ -209,9 +233,9 @@ def test_a_class_named_like_a_size_keeps_both_intervals(tmp_path: Path) -> None:
     results = [read_run(label, seed, fake_run(tmp_path / label / str(seed), coco, res))
                for (label, seed), res in runs.items()]
     report = build_report(results, coco, coco.getImgIds(), resamples=10, seed=3)
-    counts = documented_counts(10, 3)
-    size = assert_breakdown_is_literal(report, "by_size", "APs", gt, runs, counts, 3, None)
-    cls = assert_breakdown_is_literal(report, "by_class", "APs", gt, runs, counts, 0, 1)
+    counts, draws = documented_counts(10, 3), documented_seed_draws(10, 3)
+    size = assert_breakdown_is_literal(report, "by_size", "APs", gt, runs, counts, draws, 3, None)
+    cls = assert_breakdown_is_literal(report, "by_class", "APs", gt, runs, counts, draws, 0, 1)
     assert abs(size["diff"] - cls["diff"]) > 1e-3 and abs(size["low"] - cls["low"]) > 1e-3
     assert report["ground_truth"] == {"by_size": {"APs": 7, "APm": 28, "APl": 0},  # 1 of the 7 small boxes is "APs"
                                       "by_class": {"APs": 14, "b": 21}}

@@ -176,18 +176,31 @@ def resampled_ap(records: MatchRecords, counts: np.ndarray, categories: Sequence
     return mean_over_categories(resampled_category_ap(chosen, counts))
 
 
-def paired_difference(base: Sequence[np.ndarray], other: Sequence[np.ndarray], level: float = 0.95
-                      ) -> dict[str, Any]:
-    """The difference of seed-mean AP, ``other - base``, from per-seed AP arrays ``(B + 1,)`` whose first
-    entry is the full val set and the rest the resamples (the same resamples for every run).
+def resample_seeds(num_seeds: int, resamples: int, seed: int) -> np.ndarray:
+    """``(resamples, num_seeds)``: which seeds (indices, drawn with replacement) each resample averages over,
+    ``np.random.default_rng((seed, 1)).integers(0, num_seeds, (resamples, num_seeds))``."""
+    return np.random.default_rng((seed, 1)).integers(0, num_seeds, (resamples, num_seeds))
 
-    Returns ``diff`` (full val set), ``low``/``high`` (percentile interval at ``level`` of the
+
+def paired_difference(base: Sequence[np.ndarray], other: Sequence[np.ndarray], level: float = 0.95,
+                      seed_draws: np.ndarray | None = None) -> dict[str, Any]:
+    """The difference of seed-mean AP, ``other - base``, from per-seed AP arrays ``(B + 1,)`` whose first
+    entry is the full val set and the rest the resamples (the same resamples for every run); seed ``k`` of
+    ``base`` pairs with seed ``k`` of ``other``.
+
+    ``seed_draws (B, S)`` (:func:`resample_seeds`): resample ``b`` averages the paired differences of the
+    seeds ``seed_draws[b]``, so the interval covers the training seeds as well as the val images (a
+    two-way bootstrap); None averages every seed on every resample (the val images alone).
+    Returns ``diff`` (full val set, every seed), ``low``/``high`` (percentile interval at ``level`` of the
     resampled differences) and ``verdict``.
     """
-    diffs = np.mean(np.stack(other), axis=0) - np.mean(np.stack(base), axis=0)
+    per_seed = np.stack(other) - np.stack(base)  # (S, B + 1)
+    resampled = per_seed[:, 1:]
+    if seed_draws is not None:
+        resampled = np.take_along_axis(resampled, seed_draws.T, axis=0)
     tail = 100 * (1 - level) / 2
-    low, high = np.nanpercentile(diffs[1:], [tail, 100 - tail])
-    return {"diff": float(diffs[0]), "low": float(low), "high": float(high), "verdict": verdict(low, high)}
+    low, high = np.nanpercentile(resampled.mean(axis=0), [tail, 100 - tail])
+    return {"diff": float(per_seed[:, 0].mean()), "low": float(low), "high": float(high), "verdict": verdict(low, high)}
 
 
 def verdict(low: float, high: float) -> str:

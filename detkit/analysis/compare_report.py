@@ -1,7 +1,7 @@
 """The report of a comparison (``report.json``, ``report.md``, ``report.png``): per config the mean and
 std over seeds of the COCO numbers of each run's last evaluation, and against the first config (the
-baseline) the AP difference with a paired-bootstrap interval over the val images, and the same interval
-for the AP of each object size (COCO small / medium / large) and of each class."""
+baseline) the AP difference with a paired-bootstrap interval over the val images and the training seeds,
+and the same interval for the AP of each object size (COCO small / medium / large) and of each class."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from detkit.analysis.bootstrap import (
     mean_over_categories,
     paired_difference,
     resample_counts,
+    resample_seeds,
     resampled_ap,
     resampled_category_ap,
 )
@@ -81,8 +82,8 @@ def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
 def build_report(runs: Sequence[RunResult], coco_gt: COCO, image_ids: Sequence[int], resamples: int = 1000,
                  seed: int = 0, level: float = 0.95) -> dict[str, Any]:
     """Summary per label (in the order of ``runs``; the first is the baseline) and the paired bootstrap
-    of the AP difference of every other label against it over ``image_ids``: the same ``resamples``
-    resamples (seeded by ``seed``) for every run, differences of the seed means of AP."""
+    of the AP difference of every other label against it: the same ``resamples`` resamples (seeded by
+    ``seed``) of ``image_ids`` and of the training seeds for every run, differences of the seed means of AP."""
     labels = list(dict.fromkeys(r.label for r in runs))
     by_label = {label: sorted((r for r in runs if r.label == label), key=lambda r: r.seed) for label in labels}
     seeds = {label: [r.seed for r in rs] for label, rs in by_label.items()}
@@ -92,6 +93,7 @@ def build_report(runs: Sequence[RunResult], coco_gt: COCO, image_ids: Sequence[i
                                 f"{seeds[labels[0]]}; the comparison pairs runs by seed")
     ids = sorted({int(i) for i in image_ids})
     counts = np.vstack([np.ones((1, len(ids)), dtype=np.int64), resample_counts(len(ids), resamples, seed)])
+    draws = resample_seeds(len(seeds[labels[0]]), resamples, seed)
     ap, parts = {}, {}  # run -> (1 + resamples,) AP on the full val set, then each resample; its Breakdown
     for run in runs:
         try:
@@ -116,10 +118,10 @@ def build_report(runs: Sequence[RunResult], coco_gt: COCO, image_ids: Sequence[i
     for label in labels[1:]:
         base, other = by_label[labels[0]], by_label[label]
         diff = {group: {key: paired_difference([parts[r.work_dir][group][key] for r in base],
-                                               [parts[r.work_dir][group][key] for r in other], level)
+                                               [parts[r.work_dir][group][key] for r in other], level, draws)
                         for key in keys} for group, keys in parts[runs[0].work_dir].items()}
         comparisons[label] = {**paired_difference([ap[r.work_dir] for r in base], [ap[r.work_dir] for r in other],
-                                                  level), "breakdown": diff}
+                                                  level, draws), "breakdown": diff}
     return {"baseline": labels[0], "labels": labels, "num_images": len(ids), "resamples": resamples,
             "bootstrap_seed": seed, "level": level, "configs": configs, "comparisons": comparisons,
             "ground_truth": ground_truth_counts(coco_gt, ids)}
@@ -179,8 +181,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     count = len(report["labels"])
     lines = [f"# Comparison of {count} config{'s' if count != 1 else ''}", "",
              (f"Val set: {report['num_images']} images. Interval: {level}% paired bootstrap over the val images "
-              f"({report['resamples']} resamples, seed {report['bootstrap_seed']}; the same resamples for every run, "
-              f"difference of the seed means of AP). See docs/compare.md."), "",
+              f"and the training seeds ({report['resamples']} resamples, seed {report['bootstrap_seed']}; the same "
+              f"resamples for every run, difference of the seed means of AP). See docs/compare.md."), "",
              ("| config | seeds | AP | AP per seed | AP50 | AP75 | APs | APm | APl | wall time | "
               f"AP - baseline [{level}% CI] | verdict |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
