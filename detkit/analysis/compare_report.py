@@ -260,7 +260,9 @@ def plot_report(report: dict[str, Any], path: Path) -> Path:
     right.set(xlabel=f"AP - AP of {report['baseline']} (points)",
               title=f"AP difference, {round(100 * report['level'])}% paired-bootstrap interval")
     right.margins(x=0.35)
-    right.text(0.02, 0.02, f"{report['num_images']} val images, {report['resamples']} resamples",
+    seeds = len(report["configs"][report["baseline"]]["seeds"])
+    right.text(0.02, 0.02, f"resampled: {report['num_images']} val images x {seeds} seed{'s' * (seeds > 1)}, "
+                           f"{report['resamples']} times",
                transform=right.transAxes, fontsize=8, color="#555555")
     for ax in (left, right):
         ax.grid(alpha=0.3, axis="x")
