@@ -17,6 +17,7 @@ from detkit.analysis.bootstrap import match_records_by_area, paired_difference, 
 from detkit.analysis.compare import compare
 from detkit.analysis.compare_report import (
     RunResult,
+    breakdown_table,
     build_report,
     read_run,
     write_report,
@@ -430,3 +431,15 @@ def test_a_run_with_class_weight_auto_is_the_same_setting_as_its_numbers() -> No
     keep_auto_class_weights(other, {"model": {"head": {"losses": {"cls": {"type": "FocalLoss",
                                                                           "class_weight": [2.0, 1.0]}}}}})
     assert other["model"]["head"]["losses"]["cls"]["class_weight"] == [1.0, 1.0]  # lists stay compared
+
+
+def test_a_breakdown_interval_under_a_twentieth_of_a_point_shows_hundredths() -> None:
+    """An interval that excludes 0 by hundredths of a point is not printed as a bold "-0.0 [-0.0, -0.0]"."""
+    entry = {"by_size": {"APl": 0.695}, "by_class": {"RBC": 0.64}}
+    tiny = {"diff": -0.0002, "low": -0.0004, "high": -0.0001, "verdict": "worse"}
+    wide = {"diff": -0.005, "low": -0.009, "high": -0.001, "verdict": "worse"}
+    report = {"baseline": "whole", "labels": ["whole", "tiles"], "level": 0.95,
+              "ground_truth": {"by_size": {"APl": 793}, "by_class": {"RBC": 904}},
+              "configs": {"whole": {"breakdown": entry}, "tiles": {"breakdown": entry}},
+              "comparisons": {"tiles": {"breakdown": {"by_size": {"APl": tiny}, "by_class": {"RBC": wide}}}}}
+    assert breakdown_table(report)[-1] == "| tiles | 69.5 (**-0.02 [-0.04, -0.01]**) | 64.0 (**-0.5 [-0.9, -0.1]**) |"

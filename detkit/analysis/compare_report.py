@@ -223,7 +223,9 @@ def breakdown_table(report: dict[str, Any], max_classes: int = 12) -> list[str]:
             cell = f"{100 * report['configs'][label]['breakdown'][group][key]:.1f}"
             if label != report["baseline"]:
                 d = report["comparisons"][label]["breakdown"][group][key]
-                diff = f"{100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+                # hundredths where the interval is under 0.05 points: a bold "-0.0 [-0.0, -0.0]" says nothing
+                digits = 2 if max(abs(d["low"]), abs(d["high"])) < 0.0005 else 1
+                diff = f"{100 * d['diff']:+.{digits}f} [{100 * d['low']:+.{digits}f}, {100 * d['high']:+.{digits}f}]"
                 cell += f" ({f'**{diff}**' if d['verdict'] in VERDICT_COLOURS else diff})"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
