@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from detkit.engine import watchdog as stall_watchdog
 
 BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bccd"
 
@@ -17,6 +20,13 @@ BCCD = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "bcc
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_stall_stop_left() -> Iterator[None]:
+    """A stall watchdog's process-wide flags left set would make every later CLI error wait and vanish."""
+    yield
+    assert not stall_watchdog.STOPPING.is_set() and not stall_watchdog.RUNNING.is_set()
 
 
 def write_coco(folder: Path, images: list[dict], annotations: list[dict],

@@ -83,14 +83,24 @@ def test_an_error_from_a_collective_the_stall_stop_broke_prints_no_traceback(mon
         raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer")
 
     monkeypatch.setattr(watchdog, "EXIT_WAIT", 0.01)
-    with pytest.raises(RuntimeError, match="Connection closed by peer"):  # a bug's traceback otherwise
+    monkeypatch.setattr(watchdog, "STOP_GRACE", 0.5)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):  # no watchdog: a bug's traceback
         run_guarded(broken_collective, argparse.Namespace())
-    watchdog.STOPPING.set()  # as StallWatchdog._abort does
+    watchdog.RUNNING.set()
     try:
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="Connection closed by peer"):  # a watchdog that stops nothing
+            run_guarded(broken_collective, argparse.Namespace())
+        assert time.monotonic() - start >= 0.5  # after its grace
+        declares = threading.Timer(0.1, watchdog.STOPPING.set)  # the decision read a moment after the break
+        declares.start()
         assert run_guarded(broken_collective, argparse.Namespace()) == 1
+        declares.join()
     finally:
         watchdog.STOPPING.clear()
-    assert capsys.readouterr().err == ""
+        watchdog.RUNNING.clear()
+    # one line, and only because the (real) watchdog's exit did not come within EXIT_WAIT
+    assert capsys.readouterr().err == "error: [gloo/transport/tcp/pair.cc:561] Connection closed by peer\n"
 
 
 def test_stall_report_names_silent_ranks_and_mismatched_collectives():

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 def torchvision_fcos(depth: int, width: int, num_classes: int, size: int, num_convs: int = 4
                      ) -> TorchvisionFCOSModel:
-    """torchvision's own FCOS module (no detkit wrapper in the timed step), as ``TorchvisionFCOS`` builds it:
-    same backbone (trainable BN), FPN width, P6/P7 on P5 and GroupNorm head."""
+    """torchvision's own FCOS module (no detkit wrapper in the timed step), as ``TorchvisionFCOS`` builds it
+    with ``min_size = max_size = size``: torchvision's own transform, whose inference resize of a ``size``
+    image is a scale-1 interpolate; same backbone (trainable BN), FPN width, P6/P7 on P5 and GroupNorm head."""
     return TorchvisionFCOS(num_classes, depth=depth, fpn_channels=width, num_convs=num_convs, min_size=size,
                            max_size=size).model
 

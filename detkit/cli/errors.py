@@ -40,7 +40,8 @@ def run_guarded(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     try:
         return func(args)
     except Exception as err:
-        if stopping_the_run():  # a collective broken by the stall stop: the watchdog reported it and exits
+        if stopping_the_run():  # a collective broken by the stall stop: the watchdog reported it and exits;
+            print(f"error: {message(err)}", file=sys.stderr)  # here only if it has not within EXIT_WAIT
             return 1
         code = exit_code(err)
         if code is None:

@@ -41,14 +41,20 @@ SILENT_INTERVALS = 4
 #: collective the others are blocked in raises ("Connection closed by peer") before their own watchdog
 #: exits: that error is a consequence of the stall, not a second fault, and must not print a traceback.
 STOPPING = threading.Event()
+#: Set while a watchdog thread watches in this process.
+RUNNING = threading.Event()
+#: How long a running watchdog gets to declare the stop: the first rank to leave may break this rank's
+#: collective before this rank's watchdog (one store poll per interval, at most 1 s) has read the decision.
+STOP_GRACE = 3.0
 #: How long :func:`stopping_the_run` leaves the watchdog to end the process (it needs a few seconds at most).
 EXIT_WAIT = 30.0
 
 
 def stopping_the_run() -> bool:
-    """False when no watchdog is stopping this process; otherwise leave the exit to it: block up to
-    :data:`EXIT_WAIT` seconds (its ``os._exit`` ends the process first) and return True."""
-    if not STOPPING.is_set():
+    """Whether a watchdog is stopping this process (a running one gets :data:`STOP_GRACE` seconds to say
+    so). If it is, leave the exit to it: block up to :data:`EXIT_WAIT` seconds (its ``os._exit`` ends the
+    process first) and return True."""
+    if not STOPPING.wait(STOP_GRACE if RUNNING.is_set() else 0.0):
         return False
     time.sleep(EXIT_WAIT)
     return True
@@ -128,6 +134,13 @@ class StallWatchdog:
 
     # ----------------------------------------------------------------------------- thread
     def _run(self) -> None:
+        RUNNING.set()
+        try:
+            self._watch()
+        finally:  # reached when stopped, when the store is gone, and when a (test's) exit returns
+            RUNNING.clear()
+
+    def _watch(self) -> None:
         number = 0
         while not self._stop.wait(self.interval):
             number += 1
@@ -174,6 +187,12 @@ class StallWatchdog:
     def _abort(self, message: str, decider: bool) -> None:
         """Write this rank's stacks, say why, wait (briefly) for the other ranks' dumps, exit 1."""
         STOPPING.set()
+        try:
+            self._dump_and_exit(message, decider)
+        finally:  # reached only when the exit returns (the tests') or the dump raised
+            STOPPING.clear()
+
+    def _dump_and_exit(self, message: str, decider: bool) -> None:
         # armed first: a hung file system or a logging lock held by the stalled main thread must not
         # keep this thread from ending the process (faulthandler's timer dumps the stacks to stderr)
         faulthandler.dump_traceback_later(max(10.0, 4 * SILENT_INTERVALS * self.interval), exit=True)
@@ -206,4 +225,3 @@ class StallWatchdog:
                 pass
         self.exit(1)
         faulthandler.cancel_dump_traceback_later()  # reached only with an exit that returns (the tests')
-        STOPPING.clear()

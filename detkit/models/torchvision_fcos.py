@@ -31,6 +31,9 @@ class LoaderSizedTransform(GeneralizedRCNNTransform):
                ) -> tuple[Tensor, dict[str, Tensor] | None]:
         return image, target
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.image_mean}, std={self.image_std}, no resize)"
+
 
 @DETECTORS.register()
 class TorchvisionFCOS(nn.Module):
