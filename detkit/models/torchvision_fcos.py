@@ -65,9 +65,9 @@ class TorchvisionFCOS(nn.Module):
         resnet = getattr(torchvision.models, f"resnet{depth}")(weights=None, norm_layer=norm_layer(norm))
         backbone = BackboneWithFPN(resnet, {"layer2": "0", "layer3": "1", "layer4": "2"}, RESNET_CHANNELS[depth],
                                    fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
-        self.model = TVFCOS(backbone, num_classes, min_size=min_size or 800, max_size=max_size or 1333,
-                            score_thresh=score_thr, nms_thresh=nms_iou, detections_per_img=max_per_img,
-                            _skip_resize=True)
+        sizes = {} if min_size is None else {"min_size": min_size, "max_size": max_size}
+        self.model = TVFCOS(backbone, num_classes, score_thresh=score_thr, nms_thresh=nms_iou,
+                            detections_per_img=max_per_img, _skip_resize=True, **sizes)
         if min_size is None:
             t = self.model.transform
             self.model.transform = LoaderSizedTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
